@@ -1,0 +1,1 @@
+"""The edgefleet cloud refiner: classifies crops from the fleet with a larger model."""

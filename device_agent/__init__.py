@@ -1,0 +1,1 @@
+"""The edgefleet device agent: detection on the edge, a durable outbox, MQTT publishing and OTA updates."""

@@ -1,0 +1,1 @@
+"""The edgefleet fleet manager: device registry, staged rollouts, REST API and dashboard."""

@@ -1,0 +1,1 @@
+"""The edgefleet model registry: versioned, signed ONNX models on MLflow."""
