@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import cv2
 import numpy as np
@@ -16,12 +16,15 @@ from rich.console import Console
 from rich.table import Table
 
 from device_agent.detector import DetectionResult, Detector, DetectParams
+
+if TYPE_CHECKING:
+    from device_agent.evaluation import EvalReport
 from fleet_protocol.onnx_model import ModelLoadError, SessionOptions
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 
 agent_app = typer.Typer(help="Run the device agent and its local HTTP API.", no_args_is_help=True)
-stderr = Console(stderr=True)
+stderr = Console(stderr=True, soft_wrap=True)  # never break paths across lines
 
 ModelOption = Annotated[Path, typer.Option("--model", "-m", help="YOLOv8/YOLO11-layout ONNX detector.")]
 ProvidersOption = Annotated[
@@ -214,10 +217,33 @@ def eval_command(
         report = evaluate(
             detector, dataset, params, on_image=lambda done, total: progress.update(task, completed=done)
         )
-    Console().print(report.to_table())
+    Console().print(_eval_table(report))
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+
+def _eval_table(report: EvalReport) -> Table:
+    metrics = report.metrics
+    table = Table(
+        title=f"{report.model.name} on {report.data.name} ({report.split}): {metrics.images} images, "
+        f"{int(metrics.instances.sum())} boxes, {report.wall_s:.1f} s",
+        title_justify="left",
+    )
+    for column in ("class", "boxes", "AP50", "AP50-95"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for ap in metrics.per_class:
+        if ap.instances:
+            table.add_row(ap.name, str(ap.instances), f"{ap.ap50:.3f}", f"{ap.ap50_95:.3f}")
+    table.add_section()
+    table.add_row(
+        "all",
+        str(int(metrics.instances.sum())),
+        f"{metrics.map50:.4f}",
+        f"{metrics.map50_95:.4f}",
+        style="bold",
+    )
+    return table
 
 
 @agent_app.command("api")

@@ -314,7 +314,8 @@ def class_wise_nms(
     rects = boxes_xywh.copy()
     rects[:, :2] -= rects[:, 2:] / 2
     rects[:, :2] += offset
-    keep = cv2.dnn.NMSBoxes(rects.tolist(), scores.tolist(), 0.0, iou, top_k=max_det)
+    # No `top_k` here: OpenCV applies it to the candidates *before* suppression, not to what is kept.
+    keep = cv2.dnn.NMSBoxes(rects.tolist(), scores.tolist(), 0.0, iou)
     return np.asarray(keep, dtype=np.intp).reshape(-1)[:max_det]
 
 

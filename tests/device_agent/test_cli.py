@@ -69,3 +69,28 @@ def test_detect_explains_bad_arguments(int8_model: Path, bus_jpg: Path, tmp_path
     assert missing_model.returncode == 2
     assert "model file not found" in missing_model.stderr
     assert "models/README.md" in missing_model.stderr
+
+
+def test_eval_prints_a_table_and_writes_json(int8_model: Path, coco128_yaml: Path, tmp_path: Path) -> None:
+    images = sorted((coco128_yaml.parent / "images" / "train2017").glob("*.jpg"))[:6]
+    (tmp_path / "subset.txt").write_text("".join(f"{p}\n" for p in images))
+    data = tmp_path / "subset.yaml"
+    data.write_text(f"path: {tmp_path}\nval: subset.txt\nnames: {coco128_yaml.read_text().split('names:')[1]}")
+    report_path = tmp_path / "report.json"
+
+    result = run_cli("eval", "--model", int8_model, "--data", data, "--json", report_path)
+
+    assert result.returncode == 0, result.stderr
+    assert "AP50-95" in result.stdout
+    report = json.loads(report_path.read_text())
+    assert report["images"] == 6
+    assert 0.0 < report["map50_95"] <= report["map50"] <= 1.0
+    assert f"{report['map50_95']:.4f}" in result.stdout
+    assert report["settings"]["conf"] == 0.001
+    assert report["settings"]["iou"] == 0.7
+
+
+def test_eval_explains_a_missing_data_file(int8_model: Path, tmp_path: Path) -> None:
+    result = run_cli("eval", "--model", int8_model, "--data", tmp_path / "nope.yaml")
+    assert result.returncode == 2
+    assert "nope.yaml" in result.stderr
