@@ -1,0 +1,556 @@
+"""The device agent's durable outbox: every detection, crop and event is written here before it is published.
+
+A SQLite database in WAL mode. The pipeline thread `enqueue`s batches; the publisher thread `peek`s the oldest
+rows, publishes them and `delete`s each row when the broker's PUBACK arrives (at-least-once, per-device FIFO,
+`msg_id` stable across retries). The outbox is bounded by payload bytes and age: when full it drops the oldest
+crops first, then (only if configured) the oldest detections and events, and counts every drop in a table of
+the same database, so telemetry still reports them after a restart.
+
+Durability: `synchronous=NORMAL` in WAL mode means a commit appends to the WAL file without fsync. A committed
+transaction survives the process dying (`kill -9`, OOM killer, segfault): the data is in the OS page cache and
+the next open replays the WAL. It does NOT survive the OS crashing or the power going off before the kernel
+writes the WAL back: the last transactions since the latest checkpoint may be lost (the database stays
+consistent, never corrupt). `synchronous=FULL` fsyncs the WAL on every commit, so a commit also survives power
+loss, at the cost of one fsync per `enqueue`/`delete` (a few ms on eMMC/SD cards; batch to amortise it).
+
+Threads: one SQLite connection per thread (created on first use), not one connection behind a lock. In WAL
+mode readers never wait for the writer, so the publisher's `peek` runs while the pipeline commits a batch (or
+its connection runs an automatic checkpoint, which fsyncs the database file); a lock would queue every call
+behind the others. The two writers (`enqueue`, `delete`) are serialised by SQLite itself: each write starts
+with `BEGIN IMMEDIATE`, which takes the write lock up front and waits up to the busy timeout, instead of
+failing at once with SQLITE_BUSY when a read transaction tries to upgrade to a write.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+if sys.version_info >= (3, 11):
+    from enum import StrEnum
+else:  # pragma: no cover - Python 3.10 (a supported device runtime) has no StrEnum
+    from enum import Enum
+
+    class StrEnum(str, Enum):
+        def __str__(self) -> str:
+            return str(self.value)
+
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 10_000
+# Keeps the WAL file from staying large after a burst; it is truncated to this size after a checkpoint.
+WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
+# SQLite's default limit on host parameters in one statement is 999 before 3.32.
+DELETE_CHUNK = 500
+FULL_WARNING_INTERVAL_S = 60.0
+Synchronous = Literal["NORMAL", "FULL"]
+
+
+class MessageKind(StrEnum):
+    """What a message carries; when the outbox is full crops go first, detections/events only if allowed."""
+
+    DETECTION = "detection"
+    CROP = "crop"
+    EVENT = "event"
+
+
+EXPIRED = "expired"
+KEPT_KINDS = (MessageKind.DETECTION.value, MessageKind.EVENT.value)
+
+
+@dataclass(frozen=True, slots=True)
+class MqttProperties:
+    """The MQTT 5 publish properties edgefleet uses; stored as JSON in the row."""
+
+    content_type: str | None = None
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+    user_properties: tuple[tuple[str, str], ...] = ()
+
+    def to_json(self) -> str:
+        data: dict[str, Any] = {}
+        if self.content_type is not None:
+            data["content_type"] = self.content_type
+        if self.response_topic is not None:
+            data["response_topic"] = self.response_topic
+        if self.correlation_data is not None:
+            data["correlation_data"] = base64.b64encode(self.correlation_data).decode("ascii")
+        if self.user_properties:
+            data["user_properties"] = [list(pair) for pair in self.user_properties]
+        return json.dumps(data, separators=(",", ":")) if data else "{}"
+
+    @classmethod
+    def from_json(cls, text: str) -> MqttProperties:
+        if text == "{}":
+            return NO_PROPERTIES
+        data = json.loads(text)
+        correlation = data.get("correlation_data")
+        return cls(
+            content_type=data.get("content_type"),
+            response_topic=data.get("response_topic"),
+            correlation_data=None if correlation is None else base64.b64decode(correlation),
+            user_properties=tuple((str(k), str(v)) for k, v in data.get("user_properties", ())),
+        )
+
+
+NO_PROPERTIES = MqttProperties()
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxMessage:
+    """One message to publish; `msg_id` is stable across retries (the consumer dedupes on it)."""
+
+    msg_id: str
+    topic: str
+    payload: bytes
+    kind: MessageKind
+    qos: int = 1
+    properties: MqttProperties = NO_PROPERTIES
+    created_at: float = field(default_factory=time.time)  # unix seconds
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", MessageKind(self.kind))  # a plain "crop" string works too
+        if self.qos not in (0, 1, 2):
+            raise ValueError(f"message {self.msg_id}: qos must be 0, 1 or 2, got {self.qos!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """A stored message; `seq` is its FIFO position, assigned by SQLite and never reused."""
+
+    seq: int
+    message: OutboxMessage
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxLimits:
+    max_bytes: int = 256 * 1024 * 1024  # payload bytes kept
+    max_age_s: float = 7 * 24 * 3600
+    drop_detections_when_full: bool = False  # only if configured (ARCHITECTURE.md, delivery guarantees)
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStats:
+    depth: int
+    bytes: int
+    oldest_age_s: float | None
+    dropped: dict[str, int]  # by kind ("crop", "detection", "event") and "expired"
+
+
+class OutboxFullError(RuntimeError):
+    """Detections or events of a batch did not fit and dropping detections is not configured.
+
+    What fitted was committed; `rejected` holds the messages that were not stored (counted as dropped).
+    """
+
+    def __init__(self, message: str, rejected: Sequence[OutboxMessage]) -> None:
+        super().__init__(message)
+        self.rejected = tuple(rejected)
+
+
+class OutboxFileError(RuntimeError):
+    """The file at the outbox path is unusable: not SQLite, not an edgefleet outbox, corrupt or unopenable."""
+
+
+_SCHEMA = (
+    # AUTOINCREMENT: a seq is never reused, even after every row was deleted (the publisher pages by seq).
+    """CREATE TABLE outbox (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        msg_id TEXT NOT NULL,
+        topic TEXT NOT NULL,
+        payload BLOB NOT NULL,
+        kind TEXT NOT NULL,
+        qos INTEGER NOT NULL,
+        properties TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        size INTEGER NOT NULL
+    )""",
+    "CREATE INDEX outbox_kind_seq ON outbox (kind, seq)",
+    "CREATE INDEX outbox_created_at ON outbox (created_at)",
+    # Running totals per kind, updated in the very transaction that changes `outbox`, so `stats()` and the
+    # cap check are O(1): count(*)/sum(size) scan every row (see benchmarks/outbox_enqueue.py). Updated by
+    # the code, not by per-row triggers, which cost ~20% of enqueue throughput.
+    "CREATE TABLE totals (kind TEXT PRIMARY KEY, depth INTEGER NOT NULL, bytes INTEGER NOT NULL)",
+    "INSERT INTO totals VALUES ('crop', 0, 0), ('detection', 0, 0), ('event', 0, 0)",
+    "CREATE TABLE dropped (reason TEXT PRIMARY KEY, count INTEGER NOT NULL)",
+    "INSERT INTO dropped VALUES ('crop', 0), ('detection', 0), ('event', 0), ('expired', 0)",
+)
+
+_INSERT = (
+    "INSERT INTO outbox (msg_id, topic, payload, kind, qos, properties, created_at, size)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_SELECT = "SELECT seq, msg_id, topic, payload, kind, qos, properties, created_at FROM outbox"
+
+
+class Outbox:
+    """Durable FIFO of outgoing MQTT messages, bounded by payload bytes and age; thread-safe (module doc)."""
+
+    def __init__(
+        self, path: Path, limits: OutboxLimits = OutboxLimits(), *, synchronous: Synchronous = "NORMAL"
+    ) -> None:
+        if synchronous not in ("NORMAL", "FULL"):
+            raise ValueError(f"synchronous must be 'NORMAL' or 'FULL', got {synchronous!r}")
+        if limits.max_bytes <= 0 or limits.max_age_s <= 0:
+            raise ValueError(f"outbox limits must be positive, got {limits}")
+        self.path = Path(path)
+        self.limits = limits
+        self._synchronous = synchronous
+        self._local = threading.local()
+        self._connections: list[tuple[threading.Thread, sqlite3.Connection]] = []
+        self._registry_lock = threading.Lock()
+        self._closed = False
+        self._last_full_warning = -FULL_WARNING_INTERVAL_S
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._initialise(self._conn())
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- public API -------------------------------------------------------------------------------------
+
+    def enqueue(self, messages: Sequence[OutboxMessage]) -> None:
+        """Store a batch in one transaction; durable (see module doc) when it returns.
+
+        When the payload bytes would pass `max_bytes`, makes room by dropping stored crops (oldest first),
+        then, only if `drop_detections_when_full`, stored detections/events (oldest first, and only to make
+        room for new detections/events). What still does not fit is refused and counted as dropped: the
+        batch's newest crops first, then its detections/events (the oldest ones if dropping them is allowed;
+        otherwise the ones after the longest prefix that fits, and `OutboxFullError` is raised after the
+        rest of the batch is committed).
+        """
+        if not messages:
+            return
+        conn = self._conn()
+        with self._guard(), _write_transaction(conn):
+            kept, refused = self._make_room(conn, messages)
+            conn.executemany(_INSERT, [_row_values(m) for m in kept])
+            for kind in {m.kind for m in kept}:
+                of_kind = [len(m.payload) for m in kept if m.kind is kind]
+                _add_to_totals(conn, kind.value, len(of_kind), sum(of_kind))
+        if refused:
+            self._warn_full(f"refused {len(refused)} new message(s) of a batch")
+        rejected = [m for m in refused if m.kind is not MessageKind.CROP]
+        if rejected and not self.limits.drop_detections_when_full:
+            raise OutboxFullError(
+                f"outbox {self.path} is full ({self.limits.max_bytes} payload bytes) and dropping "
+                f"detections is not configured: {len(rejected)} detection/event message(s) of this batch "
+                f"were not stored (counted as dropped), the first {rejected[0].msg_id}. Restore the broker "
+                "link, raise max_bytes or enable drop_detections_when_full.",
+                rejected,
+            )
+
+    def peek(self, limit: int, after_seq: int = 0) -> list[OutboxRow]:
+        """The oldest `limit` rows with `seq > after_seq`, oldest first; nothing is removed."""
+        if limit <= 0:  # SQLite reads a negative LIMIT as "no limit"
+            return []
+        conn = self._conn()
+        with self._guard():
+            rows = conn.execute(
+                f"{_SELECT} WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)
+            ).fetchall()
+        return [_to_row(values) for values in rows]
+
+    def delete(self, seqs: Iterable[int]) -> None:
+        """Remove rows (on the broker's PUBACK); unknown seqs (already dropped or deleted) are ignored."""
+        unique = sorted(set(seqs))
+        if not unique:
+            return
+        conn = self._conn()
+        with self._guard(), _write_transaction(conn):
+            for start in range(0, len(unique), DELETE_CHUNK):
+                chunk = unique[start : start + DELETE_CHUNK]
+                _delete_where(conn, f"seq IN ({','.join('?' * len(chunk))})", chunk)
+
+    def expire(self, now: float | None = None) -> int:
+        """Drop rows created more than `max_age_s` before `now`; returns how many (counted as "expired")."""
+        cutoff = (time.time() if now is None else now) - self.limits.max_age_s
+        conn = self._conn()
+        with self._guard(), _write_transaction(conn):
+            count = _delete_where(conn, "created_at < ?", (cutoff,), index="outbox_created_at")
+            _count_drops(conn, EXPIRED, count)
+        if count:
+            log.warning(
+                "outbox %s: %d message(s) older than %.0f s expired", self.path, count, self.limits.max_age_s
+            )
+        return count
+
+    def stats(self) -> OutboxStats:
+        """Depth, payload bytes, age of the oldest message and drop counters (O(1): running totals)."""
+        conn = self._conn()
+        with self._guard():
+            conn.execute("BEGIN")  # one snapshot for the three reads
+            try:
+                depth, total_bytes = conn.execute("SELECT sum(depth), sum(bytes) FROM totals").fetchone()
+                (oldest,) = conn.execute("SELECT min(created_at) FROM outbox").fetchone()
+                dropped = dict(conn.execute("SELECT reason, count FROM dropped").fetchall())
+            finally:
+                if conn.in_transaction:
+                    conn.execute("COMMIT")
+        oldest_age = None if oldest is None else max(0.0, time.time() - oldest)
+        return OutboxStats(depth=depth, bytes=total_bytes, oldest_age_s=oldest_age, dropped=dropped)
+
+    def close(self) -> None:
+        """Close every thread's connection; call it after the threads using the outbox have stopped."""
+        with self._registry_lock:
+            self._closed = True
+            for _, conn in self._connections:
+                conn.close()
+            self._connections.clear()
+
+    def __enter__(self) -> Outbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- internals ----------------------------------------------------------------------------------------
+
+    def _make_room(
+        self, conn: sqlite3.Connection, messages: Sequence[OutboxMessage]
+    ) -> tuple[list[OutboxMessage], list[OutboxMessage]]:
+        """Refuse what cannot fit, then drop the stored rows the rest needs: (kept, refused)."""
+        stored = {kind: size for kind, size in conn.execute("SELECT kind, bytes FROM totals")}
+        crops = stored[MessageKind.CROP.value]
+        others = sum(stored[kind] for kind in KEPT_KINDS)
+        free = self.limits.max_bytes - crops - others
+        allowed = self.limits.drop_detections_when_full
+        refused = _choose_refused(messages, free + crops, others if allowed else 0, allowed)
+        kept = [m for i, m in enumerate(messages) if i not in refused]
+        needed = sum(len(m.payload) for m in kept) - free
+        if needed > 0:
+            needed -= self._drop_oldest(conn, (MessageKind.CROP.value,), needed)
+        if needed > 0:  # only reachable when dropping detections is allowed (see _choose_refused)
+            self._drop_oldest(conn, KEPT_KINDS, needed)
+        for i in refused:
+            _count_drops(conn, messages[i].kind.value, 1)
+        return kept, [messages[i] for i in sorted(refused)]
+
+    def _drop_oldest(self, conn: sqlite3.Connection, kinds: tuple[str, ...], needed: int) -> int:
+        """Delete the oldest rows of `kinds` until `needed` payload bytes are freed (or none are left)."""
+        marks = ",".join("?" * len(kinds))
+        # One kind: walk the (kind, seq) index. Several: `+kind` makes SQLite walk the table in seq order
+        # (no stored crop is left by then) instead of sorting every detection in a temporary b-tree.
+        column = "kind" if len(kinds) == 1 else "+kind"
+        cursor = conn.execute(f"SELECT seq, size FROM outbox WHERE {column} IN ({marks}) ORDER BY seq", kinds)
+        freed = 0
+        last_seq = 0
+        for seq, size in cursor:  # stops early: reads only as many rows as it drops
+            freed += size
+            last_seq = seq
+            if freed >= needed:
+                break
+        cursor.close()
+        if last_seq:
+            dropped = _group_by_kind(conn, f"kind IN ({marks}) AND seq <= ?", (*kinds, last_seq))
+            conn.execute(f"DELETE FROM outbox WHERE kind IN ({marks}) AND seq <= ?", (*kinds, last_seq))
+            for kind, (count, size) in dropped.items():
+                _add_to_totals(conn, kind, -count, -size)
+                _count_drops(conn, kind, count)
+            self._warn_full(f"dropped the oldest stored { {k: c for k, (c, _) in dropped.items()} }")
+        return freed
+
+    def _warn_full(self, what: str) -> None:
+        """Log drops at most once a minute: a full outbox drops on every enqueue; telemetry has the counts."""
+        now = time.monotonic()
+        if now - self._last_full_warning >= FULL_WARNING_INTERVAL_S:
+            self._last_full_warning = now
+            log.warning("outbox %s is full (%d payload bytes): %s", self.path, self.limits.max_bytes, what)
+        else:
+            log.debug("outbox %s is full: %s", self.path, what)
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None and not self._closed:
+            return conn
+        with self._registry_lock:
+            if self._closed:
+                raise RuntimeError(f"outbox {self.path} is closed; open a new Outbox to use it again")
+            conn = self._connect()
+            self._prune_dead_threads()
+            self._connections.append((threading.current_thread(), conn))
+        self._local.conn = conn
+        return conn
+
+    def _prune_dead_threads(self) -> None:
+        alive = [(thread, conn) for thread, conn in self._connections if thread.is_alive()]
+        for thread, conn in self._connections:
+            if not thread.is_alive():
+                conn.close()
+        self._connections = alive
+
+    def _connect(self) -> sqlite3.Connection:
+        with self._guard():
+            # isolation_level=None: no implicit transactions; every write is an explicit BEGIN IMMEDIATE.
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            with self._guard():
+                conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+                conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT_BYTES}")
+            if str(mode).lower() != "wal":
+                raise OutboxFileError(
+                    f"outbox {self.path}: SQLite refused WAL mode (got {mode!r}); put it on a local disk"
+                )
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _initialise(self, conn: sqlite3.Connection) -> None:
+        """Create the schema in a new file; refuse a file that is not an outbox of this schema version."""
+        with self._guard(), _write_transaction(conn):
+            (version,) = conn.execute("PRAGMA user_version").fetchone()
+            (objects,) = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            if version == 0 and objects == 0:
+                for statement in _SCHEMA:
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            elif version != SCHEMA_VERSION:
+                raise self._move_aside_error(
+                    f"is a SQLite database but not an edgefleet outbox of schema {SCHEMA_VERSION} "
+                    f"(user_version {version}, {objects} schema objects)"
+                )
+
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        """Turn SQLite's "not a database" / "malformed" / "unable to open" into errors that say what to do."""
+        try:
+            yield
+        except sqlite3.DatabaseError as exc:
+            name = getattr(exc, "sqlite_errorname", "")  # Python >= 3.11
+            text = str(exc)
+            if (
+                name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB"))
+                or "malformed" in text
+                or "not a database" in text
+            ):
+                raise self._move_aside_error(f"is not a readable SQLite database ({text})") from exc
+            if name.startswith("SQLITE_CANTOPEN") or "unable to open" in text:
+                raise OutboxFileError(
+                    f"outbox {self.path} cannot be opened ({text}): check that its folder exists and that "
+                    "this user may write there"
+                ) from exc
+            raise
+
+    def _move_aside_error(self, what: str) -> OutboxFileError:
+        return OutboxFileError(
+            f"outbox {self.path} {what}. Move it aside (e.g. `mv {self.path} {self.path}.broken`, with "
+            "its -wal and -shm files) and restart: a new empty outbox is created; unsent messages in the old "
+            "file are lost unless recovered by hand."
+        )
+
+
+@contextmanager
+def _write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE takes the write lock up front (waiting up to the busy timeout); rolls back on error."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        if conn.in_transaction:  # SQLite may have rolled back already (e.g. on SQLITE_FULL or corruption)
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _choose_refused(
+    messages: Sequence[OutboxMessage], room: int, detection_room: int, drop_oldest: bool
+) -> set[int]:
+    """Indices of the batch messages refused (see `Outbox.enqueue`).
+
+    `room` is the space free or held by stored crops; `detection_room` is what stored detections/events can
+    add, for new detections/events only.
+    """
+    sizes = [len(m.payload) for m in messages]
+    crops = [i for i, m in enumerate(messages) if m.kind is MessageKind.CROP]
+    others = [i for i, m in enumerate(messages) if m.kind is not MessageKind.CROP]
+    refused: set[int] = set()
+    others_bytes = sum(sizes[i] for i in others)
+    # Detections/events: keep the newest ones that fit (dropping allowed) or the longest FIFO prefix.
+    for i in others if drop_oldest else reversed(others):
+        if others_bytes <= room + detection_room:
+            break
+        refused.add(i)
+        others_bytes -= sizes[i]
+    crops_bytes = sum(sizes[i] for i in crops)
+    for i in reversed(crops):  # the batch's newest crops go first
+        if crops_bytes <= room - others_bytes:
+            break
+        refused.add(i)
+        crops_bytes -= sizes[i]
+    return refused
+
+
+def _delete_where(
+    conn: sqlite3.Connection, where: str, parameters: Sequence[object], index: str | None = None
+) -> int:
+    """Delete matching rows, keeping the totals right; returns how many."""
+    deleted = _group_by_kind(conn, where, parameters, index)
+    conn.execute(f"DELETE FROM outbox WHERE {where}", parameters)
+    for kind, (count, size) in deleted.items():
+        _add_to_totals(conn, kind, -count, -size)
+    return sum(count for count, _ in deleted.values())
+
+
+def _group_by_kind(
+    conn: sqlite3.Connection, where: str, parameters: Sequence[object], index: str | None = None
+) -> dict[str, tuple[int, int]]:
+    """Count and payload bytes of the matching rows by kind. `index` overrides the planner, which would
+    rather scan all of (kind, seq), to skip the GROUP BY sort, than search the index the WHERE needs."""
+    source = f"outbox INDEXED BY {index}" if index else "outbox"
+    rows = conn.execute(
+        f"SELECT kind, count(*), total(size) FROM {source} WHERE {where} GROUP BY kind", parameters
+    )
+    return {kind: (count, int(size)) for kind, count, size in rows}
+
+
+def _add_to_totals(conn: sqlite3.Connection, kind: str, depth: int, size: int) -> None:
+    conn.execute("UPDATE totals SET depth = depth + ?, bytes = bytes + ? WHERE kind = ?", (depth, size, kind))
+
+
+def _count_drops(conn: sqlite3.Connection, reason: str, count: int) -> None:
+    if count:
+        conn.execute("UPDATE dropped SET count = count + ? WHERE reason = ?", (count, reason))
+
+
+def _row_values(message: OutboxMessage) -> tuple[object, ...]:
+    properties = "{}" if message.properties is NO_PROPERTIES else message.properties.to_json()
+    return (
+        message.msg_id,
+        message.topic,
+        message.payload,
+        message.kind.value,
+        message.qos,
+        properties,
+        message.created_at,
+        len(message.payload),
+    )
+
+
+def _to_row(values: tuple[Any, ...]) -> OutboxRow:
+    seq, msg_id, topic, payload, kind, qos, properties, created_at = values
+    message = OutboxMessage(
+        msg_id=msg_id,
+        topic=topic,
+        payload=payload,
+        kind=MessageKind(kind),
+        qos=qos,
+        properties=MqttProperties.from_json(properties),
+        created_at=created_at,
+    )
+    return OutboxRow(seq=seq, message=message)

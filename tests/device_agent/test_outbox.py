@@ -1,0 +1,425 @@
+"""The durable outbox on real SQLite files: order, properties, caps, expiry, threads and `kill -9`."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import IO
+
+import pytest
+
+from device_agent.outbox import (
+    MessageKind,
+    MqttProperties,
+    Outbox,
+    OutboxFileError,
+    OutboxFullError,
+    OutboxLimits,
+    OutboxMessage,
+    OutboxRow,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TOPIC = "edgefleet/v1/devices/cam-0001/detections"
+KINDS = {"d": MessageKind.DETECTION, "c": MessageKind.CROP, "e": MessageKind.EVENT}
+
+
+def message(msg_id: str, size: int = 100, created_at: float | None = None) -> OutboxMessage:
+    """A message whose kind is the first letter of its id: d(etection), c(rop) or e(vent)."""
+    return OutboxMessage(
+        msg_id=msg_id,
+        topic=TOPIC,
+        payload=os.urandom(size),
+        kind=KINDS[msg_id[0]],
+        created_at=time.time() if created_at is None else created_at,
+    )
+
+
+def batch(*msg_ids: str, size: int = 100) -> list[OutboxMessage]:
+    return [message(msg_id, size) for msg_id in msg_ids]
+
+
+def all_rows(outbox: Outbox) -> list[OutboxRow]:
+    return outbox.peek(1_000_000)
+
+
+def stored_ids(outbox: Outbox) -> list[str]:
+    return [row.message.msg_id for row in all_rows(outbox)]
+
+
+def assert_totals_match_rows(outbox: Outbox) -> None:
+    rows = all_rows(outbox)
+    stats = outbox.stats()
+    assert (stats.depth, stats.bytes) == (len(rows), sum(len(r.message.payload) for r in rows))
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "outbox" / "outbox.db"
+
+
+def test_fifo_order_and_messages_survive_reopen(db_path: Path) -> None:
+    sent = batch("d1", "c1", "e1") + batch("d2") + batch("c2", "d3", "d4")
+    with Outbox(db_path) as outbox:
+        outbox.enqueue(sent[:3])
+        outbox.enqueue(sent[3:4])
+        outbox.enqueue(sent[4:])
+    with Outbox(db_path) as reopened:
+        rows = all_rows(reopened)
+        assert [row.message for row in rows] == sent
+        assert [row.seq for row in rows] == sorted(row.seq for row in rows)
+        assert len({row.seq for row in rows}) == len(rows)
+        assert sqlite3.connect(db_path).execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+def test_mqtt_properties_round_trip(db_path: Path) -> None:
+    crop = OutboxMessage(
+        msg_id="01J9ZCROP",
+        topic="edgefleet/v1/devices/cam-0001/crops",
+        payload=bytes(range(256)) * 3,
+        kind=MessageKind.CROP,
+        qos=2,
+        properties=MqttProperties(
+            content_type="image/jpeg",
+            response_topic="edgefleet/v1/devices/cam-0001/refined",
+            correlation_data=b"\x00\xffdet-7\x80",
+            user_properties=(("msg_id", "01J9ZCROP"), ("label", "hund ü"), ("bbox", "[1.5,2,30,40]")),
+        ),
+        created_at=1_700_000_000.123456,
+    )
+    plain = OutboxMessage(msg_id="d-plain", topic=TOPIC, payload=b"{}", kind=MessageKind.DETECTION, qos=0)
+    with Outbox(db_path) as outbox:
+        outbox.enqueue([crop, plain])
+    with Outbox(db_path) as reopened:
+        assert [row.message for row in all_rows(reopened)] == [crop, plain]
+        assert all_rows(reopened)[1].message.properties == MqttProperties()
+
+
+def test_peek_after_seq_and_delete(db_path: Path) -> None:
+    with Outbox(db_path) as outbox:
+        outbox.enqueue(batch(*(f"d{i}" for i in range(10))))
+        first = outbox.peek(3)
+        following = outbox.peek(3, after_seq=first[-1].seq)
+        assert [r.message.msg_id for r in first + following] == [f"d{i}" for i in range(6)]
+        assert outbox.peek(0) == []
+        outbox.delete(
+            [r.seq for r in first] + [first[0].seq, 999_999]
+        )  # duplicates and unknown seqs: ignored
+        assert stored_ids(outbox) == [f"d{i}" for i in range(3, 10)]
+        assert outbox.peek(2, after_seq=following[-1].seq)[0].message.msg_id == "d6"
+        assert_totals_match_rows(outbox)
+        last_seq = all_rows(outbox)[-1].seq
+        outbox.delete(row.seq for row in all_rows(outbox))
+        assert (outbox.stats().depth, outbox.stats().bytes) == (0, 0)
+    with Outbox(db_path) as reopened:  # a seq is never reused, so a publisher's after_seq stays valid
+        reopened.enqueue(batch("d10"))
+        assert all_rows(reopened)[0].seq > last_seq
+
+
+def test_oldest_crops_are_dropped_first_then_detections_are_refused(db_path: Path) -> None:
+    with Outbox(db_path, OutboxLimits(max_bytes=1000)) as outbox:
+        outbox.enqueue(batch("c0", "c1", "d0", "d1", "d2", "d3", "d4", "d5"))
+        outbox.enqueue(batch("d6", "d7", "d8"))  # 1100 bytes: the oldest crop goes
+        assert stored_ids(outbox) == ["c1", "d0", "d1", "d2", "d3", "d4", "d5", "d6", "d7", "d8"]
+        outbox.enqueue(batch("d9"))
+        assert "c1" not in stored_ids(outbox)
+        with pytest.raises(OutboxFullError, match="drop_detections_when_full") as refused:
+            outbox.enqueue(batch("d10"))
+        assert [m.msg_id for m in refused.value.rejected] == ["d10"]
+        assert stored_ids(outbox) == [f"d{i}" for i in range(10)]
+        stats = outbox.stats()
+        assert stats.bytes == 1000
+        assert stats.dropped == {"crop": 2, "detection": 1, "event": 0, "expired": 0}
+        assert_totals_match_rows(outbox)
+
+
+def test_batch_crops_are_refused_newest_first(db_path: Path) -> None:
+    with Outbox(db_path, OutboxLimits(max_bytes=1000)) as outbox:
+        outbox.enqueue(batch(*(f"d{i}" for i in range(8))))
+        outbox.enqueue(batch("cA", "cB", "d8"))  # room for 200 of 300 bytes, no stored crop to drop
+        assert stored_ids(outbox)[-2:] == ["cA", "d8"]
+        outbox.enqueue([message("cHuge", size=5000)])  # larger than the whole cap: refused, never an error
+        assert stored_ids(outbox)[-2:] == ["cA", "d8"]  # and cA was not dropped for nothing
+        assert outbox.stats().dropped["crop"] == 2
+        assert outbox.stats().dropped["detection"] == 0
+
+
+def test_full_error_commits_the_prefix_that_fits(db_path: Path) -> None:
+    with Outbox(db_path, OutboxLimits(max_bytes=1000)) as outbox:
+        outbox.enqueue(batch(*(f"d{i}" for i in range(7))))
+        with pytest.raises(OutboxFullError, match=str(db_path)) as refused:
+            outbox.enqueue(batch("e7", "d8", "c9", "d10", "e11", "d12"))  # 300 bytes free
+        assert [m.msg_id for m in refused.value.rejected] == ["e11", "d12"]
+        assert stored_ids(outbox)[-3:] == ["e7", "d8", "d10"]  # the crop went before any detection
+        assert outbox.stats().bytes == 1000
+        assert outbox.stats().dropped == {"crop": 1, "detection": 1, "event": 1, "expired": 0}
+
+
+def test_detections_are_dropped_only_when_configured(db_path: Path) -> None:
+    limits = OutboxLimits(max_bytes=1000, drop_detections_when_full=True)
+    with Outbox(db_path, limits) as outbox:
+        outbox.enqueue(batch("e0", "d1", "d2", "d3", "d4", "d5", "d6"))
+        outbox.enqueue(batch("d7", "d8", "d9", "d10", "e11"))  # no error: the oldest stored go
+        assert stored_ids(outbox) == ["d2", "d3", "d4", "d5", "d6", "d7", "d8", "d9", "d10", "e11"]
+        outbox.enqueue(batch("c12"))  # detections never make room for a crop
+        assert stored_ids(outbox)[0] == "d2"
+        outbox.enqueue(
+            batch(*(f"d{i}" for i in range(20, 32)))
+        )  # a batch larger than the cap keeps its newest
+        assert stored_ids(outbox) == [f"d{i}" for i in range(22, 32)]
+        assert outbox.stats().dropped == {"crop": 1, "detection": 12, "event": 2, "expired": 0}
+    with Outbox(db_path, limits) as reopened:  # the counters are in the database
+        assert reopened.stats().dropped == {"crop": 1, "detection": 12, "event": 2, "expired": 0}
+
+
+@pytest.mark.parametrize("drop_detections", [False, True])
+def test_random_workload_never_passes_the_cap(db_path: Path, drop_detections: bool) -> None:
+    rng = random.Random(20240611)
+    limits = OutboxLimits(max_bytes=20_000, drop_detections_when_full=drop_detections)
+    enqueued: list[str] = []
+    refused: list[OutboxMessage] = []
+    accepted_detections: set[str] = set()
+    published: set[str] = set()
+    with Outbox(db_path, limits) as outbox:
+        for round_ in range(300):
+            items = [
+                message(f"{rng.choice('dddcce')}{round_}-{j}", size=rng.randint(1, 900))
+                for j in range(rng.randint(1, 20))
+            ]
+            rejected: tuple[OutboxMessage, ...] = ()
+            try:
+                outbox.enqueue(items)
+            except OutboxFullError as full:
+                rejected = full.rejected
+            refused += rejected
+            enqueued += [m.msg_id for m in items]
+            accepted_detections |= {m.msg_id for m in items if m.kind is not MessageKind.CROP} - {
+                m.msg_id for m in rejected
+            }
+            if rng.random() < 0.3:  # the publisher drains a few
+                rows = outbox.peek(rng.randint(1, 15))
+                outbox.delete(row.seq for row in rows)
+                published |= {row.message.msg_id for row in rows}
+            assert outbox.stats().bytes <= limits.max_bytes
+        assert_totals_match_rows(outbox)
+        kept = stored_ids(outbox)
+        assert kept == [msg_id for msg_id in enqueued if msg_id in set(kept)]  # FIFO order, no duplicates
+        stats = outbox.stats()
+        assert stats.dropped["crop"] > 0
+    assert all(m.kind is not MessageKind.CROP for m in refused)
+    if drop_detections:
+        assert not refused
+        assert stats.dropped["detection"] > 0
+    else:  # a detection, once accepted, stays until published; refused ones are counted
+        assert refused
+        assert {i for i in kept if i[0] != "c"} == accepted_detections - published
+        assert stats.dropped["detection"] + stats.dropped["event"] == len(refused)
+
+
+def test_database_file_stays_near_the_cap(db_path: Path) -> None:
+    cap, crop_batch = 1_000_000, 10
+    with Outbox(db_path, OutboxLimits(max_bytes=cap)) as outbox:
+        for round_ in range(300):
+            outbox.enqueue(
+                [message(f"c{round_}-{j}", size=10_000) for j in range(crop_batch)]
+                + [message(f"d{round_}-{j}", size=300) for j in range(5)]
+            )
+            if round_ % 10 == 0:  # the publisher keeps up with detections, not with crops
+                outbox.delete(
+                    row.seq for row in all_rows(outbox) if row.message.kind is MessageKind.DETECTION
+                )
+            assert outbox.stats().bytes <= cap
+        # Overflow pages and indexes cost up to ~20% over the payload; the WAL is reset at each checkpoint.
+        assert db_path.stat().st_size <= 1.3 * (cap + crop_batch * 10_000) + 128 * 1024
+        assert Path(f"{db_path}-wal").stat().st_size <= 5 * 1024 * 1024
+        assert outbox.stats().dropped["crop"] > 2000
+        assert outbox.stats().dropped["detection"] == 0
+
+
+def test_expire_drops_old_rows_and_counts_them(db_path: Path) -> None:
+    now = time.time()
+    with Outbox(db_path, OutboxLimits(max_age_s=100)) as outbox:
+        outbox.enqueue([message(msg_id, created_at=now - age) for msg_id, age in [("d0", 500), ("c1", 150)]])
+        outbox.enqueue([message(msg_id, created_at=now - age) for msg_id, age in [("d2", 50), ("e3", 10)]])
+        oldest = outbox.stats().oldest_age_s
+        assert oldest is not None
+        assert 500 <= oldest < 510
+        assert outbox.expire(now) == 2
+        assert outbox.expire(now) == 0
+        assert stored_ids(outbox) == ["d2", "e3"]
+        stats = outbox.stats()
+        assert stats.dropped["expired"] == 2
+        assert stats.oldest_age_s is not None
+        assert 50 <= stats.oldest_age_s < 60
+        assert_totals_match_rows(outbox)
+        assert outbox.expire(now + 1000) == 2
+        assert outbox.stats().oldest_age_s is None
+
+
+def test_concurrent_writer_and_deleter_lose_and_duplicate_nothing(db_path: Path) -> None:
+    enqueued: list[str] = []
+    published: list[str] = []
+    snapshots: list[tuple[int, int]] = []
+    errors: list[BaseException] = []
+    stop_writing, writer_done = threading.Event(), threading.Event()
+
+    def writer(outbox: Outbox) -> None:
+        rng, number = random.Random(1), 0
+        while not stop_writing.is_set():
+            items = batch(*(f"d{number + j:07d}" for j in range(rng.randint(1, 30))), size=300)
+            outbox.enqueue(items)
+            enqueued.extend(m.msg_id for m in items)
+            number += len(items)
+
+    def publisher(outbox: Outbox) -> None:
+        last_seq, in_flight = 0, list[int]()
+        while True:
+            drained = writer_done.is_set()  # read before peeking: rows committed earlier are all visible
+            rows = outbox.peek(50, after_seq=last_seq)  # publish ahead of the PUBACKs, like the publisher
+            published.extend(r.message.msg_id for r in rows)
+            outbox.delete(in_flight)  # the previous window's PUBACKs
+            in_flight = [r.seq for r in rows]
+            last_seq = rows[-1].seq if rows else last_seq
+            if drained and not rows:
+                return
+
+    def telemetry(outbox: Outbox) -> None:
+        while not writer_done.is_set():
+            stats = outbox.stats()
+            snapshots.append((stats.depth, stats.bytes))
+
+    def guarded(target: object, outbox: Outbox, done: threading.Event | None = None) -> None:
+        try:
+            assert callable(target)
+            target(outbox)
+        except BaseException as exc:
+            errors.append(exc)
+            stop_writing.set()
+        finally:
+            if done is not None:
+                done.set()
+
+    with Outbox(db_path) as outbox:
+        threads = [
+            threading.Thread(target=guarded, args=(writer, outbox, writer_done)),
+            threading.Thread(target=guarded, args=(publisher, outbox)),
+            threading.Thread(target=guarded, args=(telemetry, outbox)),
+        ]
+        for thread in threads:
+            thread.start()
+        time.sleep(2.0)
+        stop_writing.set()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert not errors, errors
+        assert len(enqueued) > 1000
+        assert published == enqueued
+        assert all(depth >= 0 and size == depth * 300 for depth, size in snapshots)
+        assert (outbox.stats().depth, outbox.stats().bytes) == (0, 0)
+
+
+KILL_CHILD = """
+import sys
+from pathlib import Path
+from device_agent.outbox import MessageKind, Outbox, OutboxMessage
+outbox = Outbox(Path(sys.argv[1]))
+run, number = sys.argv[2], 0
+while True:
+    ids = [f"{run}-{number:06d}-{j:02d}" for j in range(20)]
+    outbox.enqueue([OutboxMessage(i, "t", b"x" * 300, MessageKind.DETECTION) for i in ids])
+    print(ids[-1], flush=True)
+    number += 1
+"""
+
+
+def read_lines(stream: IO[str], into: list[str]) -> None:
+    into.extend(line.strip() for line in stream)
+
+
+def run_and_kill(db_path: Path, run: str, delay: float) -> list[str]:
+    """Start the writer, SIGKILL it `delay` s after its first commit; the last msg_ids it reported."""
+    command = [sys.executable, "-c", KILL_CHILD, str(db_path), run]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT) as child:
+        assert child.stdout is not None
+        lines: list[str] = []
+        reader = threading.Thread(target=read_lines, args=(child.stdout, lines))
+        reader.start()
+        try:
+            deadline = time.monotonic() + 30
+            while not lines and time.monotonic() < deadline and child.poll() is None:
+                time.sleep(0.01)
+            assert lines, f"the writer process never committed a batch (exit code {child.poll()})"
+            time.sleep(delay)
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+            reader.join()
+        assert child.returncode == -signal.SIGKILL
+    return lines
+
+
+def test_committed_batches_survive_kill_9(db_path: Path) -> None:
+    rng = random.Random()
+    reported: list[str] = []
+    for run in ("r0", "r1", "r2"):
+        delay = rng.uniform(0.05, 0.6)
+        reported += run_and_kill(db_path, run, delay)
+        with Outbox(db_path) as reopened:
+            ids = stored_ids(reopened)
+        missing = set(reported) - set(ids)
+        assert not missing, f"{len(missing)} reported-committed messages lost (killed after {delay:.2f} s)"
+        assert ids == sorted(ids), "FIFO order broken"
+        per_batch = Counter(msg_id.rsplit("-", 1)[0] for msg_id in ids)
+        assert set(per_batch.values()) == {20}, "a batch was stored in part"
+
+
+def test_a_file_that_is_not_an_outbox_gives_a_clear_error(db_path: Path) -> None:
+    db_path.parent.mkdir(parents=True)
+    db_path.write_bytes(b"this is not SQLite at all, " * 200)
+    with pytest.raises(OutboxFileError, match="Move it aside") as garbage:
+        Outbox(db_path)
+    assert str(db_path) in str(garbage.value)
+    db_path.unlink()
+    other = sqlite3.connect(db_path)
+    other.execute("CREATE TABLE notes (text TEXT)")
+    other.commit()
+    other.close()
+    with pytest.raises(OutboxFileError, match="not an edgefleet outbox"):
+        Outbox(db_path)
+    db_path.rename(db_path.with_suffix(".broken"))
+    with Outbox(db_path) as fresh:  # what the message says to do works
+        assert fresh.stats().depth == 0
+
+
+def test_corrupt_pages_give_the_same_clear_error(db_path: Path) -> None:
+    with Outbox(db_path) as outbox:
+        for number in range(20):
+            outbox.enqueue([message(f"c{number}-{j}", size=3000) for j in range(20)])
+    with db_path.open("r+b") as database:  # closed cleanly: the WAL is checkpointed into this file
+        database.seek(3 * 4096)
+        database.write(os.urandom(20 * 4096))
+    with pytest.raises(OutboxFileError, match="Move it aside") as corrupt:
+        open_and_read_all(db_path)
+    assert str(db_path) in str(corrupt.value)
+
+
+def open_and_read_all(path: Path) -> None:
+    with Outbox(path) as outbox:
+        outbox.stats()
+        outbox.peek(10_000)
+
+
+def test_closed_outbox_says_so(db_path: Path) -> None:
+    outbox = Outbox(db_path)
+    outbox.enqueue([])
+    outbox.close()
+    with pytest.raises(RuntimeError, match="is closed"):
+        outbox.peek(1)
