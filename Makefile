@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SHARED ?= ../shared
 
-.PHONY: install test lint demo clean
+.PHONY: install mosquitto test lint demo clean
 
 $(BIN)/edgefleet: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,17 @@ $(BIN)/edgefleet: pyproject.toml constraints.txt
 
 install: $(BIN)/edgefleet
 
-test: install
+# The tests start their own private Mosquitto; install it with the system package manager when missing.
+mosquitto:
+	@command -v mosquitto >/dev/null || test -x /usr/sbin/mosquitto || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto; \
+	  else \
+	    echo "The tests need the Mosquitto broker: sudo apt-get install mosquitto (or brew install mosquitto)"; \
+	    exit 1; \
+	  fi; }
+
+test: install mosquitto
 	$(BIN)/python -m pytest
 
 lint: install

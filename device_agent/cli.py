@@ -34,19 +34,27 @@ ProvidersOption = Annotated[
     ),
 ]
 ThreadsOption = Annotated[int, typer.Option(help="onnxruntime intra-op threads (0 = onnxruntime's default).")]
+NamesOption = Annotated[
+    Path | None,
+    typer.Option("--names", help="Class names for a model without them: one per line, or a data YAML."),
+]
 
 
 class CliError(Exception):
     """A user-facing error: printed without a traceback, exit code 2."""
 
 
-def _load_detector(model: Path, providers: str | None, threads: int, params: DetectParams) -> Detector:
+def _load_detector(
+    model: Path, providers: str | None, threads: int, params: DetectParams, names: Path | None = None
+) -> Detector:
     options = SessionOptions(
         providers=[p.strip() for p in providers.split(",") if p.strip()] if providers else None,
         intra_op_threads=threads,
     )
+    if names is not None and not names.is_file():
+        raise CliError(f"--names: file not found: {names}")
     try:
-        return Detector(model, params=params, session_options=options)
+        return Detector(model, params=params, session_options=options, names_file=names)
     except ModelLoadError as error:
         raise CliError(f"{error}\nGet a YOLOv8 ONNX model as described in models/README.md.") from error
 
@@ -125,6 +133,7 @@ def detect_command(
         str, typer.Option("--format", help="table (for people) or jsonl (one JSON object per image).")
     ] = "table",
     save: Annotated[Path | None, typer.Option(help="Write annotated JPEGs into this directory.")] = None,
+    names: NamesOption = None,
     providers: ProvidersOption = None,
     threads: ThreadsOption = 0,
 ) -> None:
@@ -132,9 +141,9 @@ def detect_command(
     if output_format not in {"table", "jsonl"}:
         raise typer.BadParameter("must be 'table' or 'jsonl'", param_hint="--format")
     try:
-        failures = _detect(
-            inputs, model, DetectParams(conf, iou, max_det), classes, output_format, save, providers, threads
-        )
+        detector = _load_detector(model, providers, threads, DetectParams(conf, iou, max_det), names)
+        params = _with_classes(detector, classes)
+        failures = _detect(detector, inputs, params, output_format, save)
     except CliError as error:
         stderr.print(f"[red]error:[/red] {error}")
         raise typer.Exit(2) from None
@@ -143,24 +152,19 @@ def detect_command(
         raise typer.Exit(1)
 
 
+def _with_classes(detector: Detector, classes: str | None) -> DetectParams:
+    if not classes:
+        return detector.params
+    try:
+        ids = detector.class_ids(classes.split(","))
+    except ValueError as error:
+        raise CliError(f"--classes: {error}") from error
+    return DetectParams(detector.params.conf, detector.params.iou, detector.params.max_det, ids)
+
+
 def _detect(
-    inputs: list[Path],
-    model: Path,
-    params: DetectParams,
-    classes: str | None,
-    output_format: str,
-    save: Path | None,
-    providers: str | None,
-    threads: int,
+    detector: Detector, inputs: list[Path], params: DetectParams, output_format: str, save: Path | None
 ) -> int:
-    detector = _load_detector(model, providers, threads, params)
-    if classes:
-        try:
-            params = DetectParams(
-                params.conf, params.iou, params.max_det, detector.class_ids(classes.split(","))
-            )
-        except ValueError as error:
-            raise CliError(f"--classes: {error}") from error
     if save is not None:
         from device_agent.imaging import annotate
 
@@ -195,6 +199,7 @@ def eval_command(
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write the full report as JSON here.")
     ] = None,
+    names: NamesOption = None,
     providers: ProvidersOption = None,
     threads: ThreadsOption = 0,
 ) -> None:
@@ -207,7 +212,7 @@ def eval_command(
     params = DetectParams(conf, iou, max_det)
     try:
         dataset = load_dataset(data)
-        detector = _load_detector(model, providers, threads, params)
+        detector = _load_detector(model, providers, threads, params, names)
     except (CliError, DatasetError) as error:
         stderr.print(f"[red]error:[/red] {error}")
         raise typer.Exit(2) from None
@@ -256,6 +261,7 @@ def api_command(
         int, typer.Option(min=0, help="Requests that may wait for a worker before 503.")
     ] = 8,
     max_upload_mb: Annotated[float, typer.Option(min=0.001, help="Largest accepted upload, in MB.")] = 20.0,
+    names: NamesOption = None,
     providers: ProvidersOption = None,
     threads: ThreadsOption = 0,
 ) -> None:
@@ -264,7 +270,7 @@ def api_command(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        detector = _load_detector(model, providers, threads, DetectParams())
+        detector = _load_detector(model, providers, threads, DetectParams(), names)
     except CliError as error:
         stderr.print(f"[red]error:[/red] {error}")
         raise typer.Exit(2) from None
@@ -272,3 +278,29 @@ def api_command(
         workers=workers, queue_size=queue_size, max_upload_bytes=int(max_upload_mb * 1_000_000)
     )
     serve(detector, settings, host=host, port=port)
+
+
+@agent_app.command("run")
+def run_command(
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="Agent YAML file; EDGEFLEET_AGENT_* env vars add to it."),
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Run the device agent: detect on every source, keep results in the outbox, publish them over MQTT."""
+    import signal
+
+    from device_agent.agent import Agent
+    from device_agent.config import ConfigError, load_settings
+    from device_agent.outbox import OutboxFileError
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        agent = Agent(load_settings(config))
+    except (ConfigError, ModelLoadError, OutboxFileError, ValueError) as error:
+        stderr.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(2) from None
+    signal.signal(signal.SIGTERM, lambda *_: agent.stop())
+    signal.signal(signal.SIGINT, lambda *_: agent.stop())
+    agent.run()

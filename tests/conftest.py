@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+# One private Mosquitto per test session (`mqtt_broker`), or per test (`private_broker`).
+pytest_plugins = ["tests.broker"]
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 

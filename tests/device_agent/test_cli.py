@@ -75,7 +75,9 @@ def test_eval_prints_a_table_and_writes_json(int8_model: Path, coco128_yaml: Pat
     images = sorted((coco128_yaml.parent / "images" / "train2017").glob("*.jpg"))[:6]
     (tmp_path / "subset.txt").write_text("".join(f"{p}\n" for p in images))
     data = tmp_path / "subset.yaml"
-    data.write_text(f"path: {tmp_path}\nval: subset.txt\nnames: {coco128_yaml.read_text().split('names:')[1]}")
+    data.write_text(
+        f"path: {tmp_path}\nval: subset.txt\nnames: {coco128_yaml.read_text().split('names:')[1]}"
+    )
     report_path = tmp_path / "report.json"
 
     result = run_cli("eval", "--model", int8_model, "--data", data, "--json", report_path)

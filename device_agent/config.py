@@ -1,0 +1,196 @@
+"""Everything the device agent can be told, in one settings class.
+
+Values come from (highest first) keyword arguments, `EDGEFLEET_AGENT_*` environment variables (nested with
+`__`, e.g. `EDGEFLEET_AGENT_BROKER__PASSWORD`), then the YAML file given to `edgefleet agent run --config`.
+Environment values merge into the file's sections, so secrets can stay out of the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from device_agent.policies import CropPolicyConfig, PublishPolicyConfig
+from device_agent.sources import SourceConfig
+from fleet_protocol.topics import DEFAULT_ROOT, validate_device_id
+
+
+class BrokerConfig(BaseModel):
+    """The MQTT broker the agent publishes to."""
+
+    host: str = Field(default="127.0.0.1", description="Broker host name or address.")
+    port: int = Field(default=1883, ge=1, le=65535, description="Broker port (8883 is usual for TLS).")
+    username: str | None = Field(default=None, description="Broker account; by convention the device id.")
+    password: SecretStr | None = Field(default=None, description="Broker password; prefer the environment.")
+    tls_ca: Path | None = Field(default=None, description="CA certificate file; setting it turns TLS on.")
+    tls_cert: Path | None = Field(default=None, description="Client certificate for mutual TLS.")
+    tls_key: Path | None = Field(default=None, description="Client private key for mutual TLS.")
+    keepalive_s: int = Field(
+        default=30, ge=5, le=3600, description="MQTT keepalive; the will fires after ~1.5x."
+    )
+    session_expiry_s: int = Field(
+        default=7 * 24 * 3600,
+        ge=0,
+        description="How long the broker keeps this device's session while it is away.",
+    )
+    topic_root: str = Field(default=DEFAULT_ROOT, description="Root of the topic tree.")
+
+
+class ModelConfig(BaseModel):
+    """The detector model and its thresholds."""
+
+    path: Path = Field(description="YOLOv8/YOLO11-layout ONNX detector to start with.")
+    names_file: Path | None = Field(default=None, description="Class names, if the model lacks them.")
+    providers: list[str] | None = Field(
+        default=None, description="Execution providers; default: best available."
+    )
+    threads: int = Field(
+        default=0, ge=0, le=256, description="onnxruntime intra-op threads (0 = its default)."
+    )
+    conf: float = Field(default=0.25, ge=0, le=1, description="Confidence threshold.")
+    iou: float = Field(default=0.45, ge=0, le=1, description="NMS IoU threshold.")
+    max_det: int = Field(default=100, ge=1, le=1000, description="Most detections per frame.")
+    classes: list[str] | None = Field(default=None, description="Detect only these classes (None: all).")
+
+
+class OutboxConfig(BaseModel):
+    """The durable queue between detection and the network."""
+
+    path: Path | None = Field(default=None, description="SQLite file; default: <data_dir>/outbox.sqlite3.")
+    max_bytes: int = Field(default=256 * 1024 * 1024, ge=64 * 1024, description="Payload bytes kept at most.")
+    max_age_s: float = Field(
+        default=7 * 24 * 3600, gt=0, description="Older messages are dropped (and counted)."
+    )
+    drop_detections_when_full: bool = Field(
+        default=False, description="When crops are gone and it is still full, drop oldest detections too."
+    )
+    inflight: int = Field(default=100, ge=1, le=65535, description="Messages awaiting PUBACK at once.")
+
+
+class LinkConfig(BaseModel):
+    """How a slow or missing link changes what is sent."""
+
+    crop_hold_rtt_ms: float = Field(
+        default=1500.0,
+        gt=0,
+        description="Above this round-trip time, crops wait in the outbox; events go first.",
+    )
+    rtt_probe_interval_s: float = Field(default=10.0, gt=0, description="How often the link RTT is measured.")
+
+
+class LocalApiConfig(BaseModel):
+    """The local HTTP API (POST /v1/detect, /v1/status, /v1/events, /metrics)."""
+
+    enabled: bool = Field(default=True, description="Serve the local API.")
+    host: str = Field(
+        default="127.0.0.1", description="Address to listen on (0.0.0.0 exposes it on the LAN)."
+    )
+    port: int = Field(default=8080, ge=1, le=65535, description="Port to listen on.")
+    workers: int = Field(default=1, ge=1, le=64, description="Inference workers for API requests.")
+    queue_size: int = Field(default=8, ge=0, le=1024, description="Requests that may wait before a 503.")
+    max_upload_bytes: int = Field(default=20_000_000, ge=1_000, description="Largest accepted upload.")
+
+
+class AgentSettings(BaseSettings):
+    """Settings of one device agent."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="EDGEFLEET_AGENT_", env_nested_delimiter="__", extra="forbid", yaml_file=None
+    )
+    _config_file: ClassVar[Path | None] = None
+
+    device_id: str = Field(
+        description="This device's id: letters, digits, '-', '_', '.'; unique in the fleet."
+    )
+    data_dir: Path = Field(
+        default=Path("edgefleet-data"), description="Outbox, models and OTA state live here."
+    )
+    broker: BrokerConfig = Field(default_factory=BrokerConfig, description="The MQTT broker.")
+    model: ModelConfig = Field(description="The detector model.")
+    sources: list[SourceConfig] = Field(min_length=1, max_length=16, description="Cameras, streams, files.")
+    publish: PublishPolicyConfig = Field(
+        default_factory=PublishPolicyConfig, description="Which frames publish."
+    )
+    crops: CropPolicyConfig = Field(
+        default_factory=CropPolicyConfig, description="Which detections are cropped."
+    )
+    outbox: OutboxConfig = Field(default_factory=OutboxConfig, description="The durable outbox.")
+    link: LinkConfig = Field(default_factory=LinkConfig, description="Behaviour on a slow link.")
+    api: LocalApiConfig = Field(default_factory=LocalApiConfig, description="The local HTTP API.")
+    telemetry_interval_s: float = Field(
+        default=10.0, ge=0.5, le=3600, description="Seconds between telemetry."
+    )
+    recent_events: int = Field(default=200, ge=1, le=100_000, description="Events kept for GET /v1/events.")
+    produced_log: Path | None = Field(
+        default=None,
+        description="Append the msg_id of every message committed to the outbox to this file (an audit trail "
+        "to compare with what consumers received).",
+    )
+
+    @field_validator("device_id")
+    @classmethod
+    def _valid_device_id(cls, value: str) -> str:
+        return validate_device_id(value)
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_source_ids(cls, sources: list[SourceConfig]) -> list[SourceConfig]:
+        ids = [s.id for s in sources]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"source ids must be unique, got {ids}")
+        return sources
+
+    @property
+    def outbox_path(self) -> Path:
+        return self.outbox.path or self.data_dir / "outbox.sqlite3"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if cls._config_file is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=cls._config_file))
+        return tuple(sources)
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names each bad field."""
+
+
+def load_settings(path: Path | None = None, **overrides: Any) -> AgentSettings:
+    """Settings from `path` (YAML), the environment and `overrides`; ConfigError names each bad field."""
+    if path is not None and not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        if path is not None:
+            yaml.safe_load(path.read_text(encoding="utf-8"))  # fail early with YAML's own line numbers
+        settings_cls = type("AgentSettingsFromFile", (AgentSettings,), {"_config_file": path})
+        return settings_cls(**overrides)  # type: ignore[no-any-return]
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from error
+    except ValidationError as error:
+        raise ConfigError(_describe(error, path)) from error
+
+
+def _describe(error: ValidationError, path: Path | None) -> str:
+    where = f" in {path}" if path else ""
+    lines = [f"invalid agent configuration{where}:"]
+    for problem in error.errors():
+        field = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        lines.append(f"  {field}: {problem['msg']}")
+    return "\n".join(lines)

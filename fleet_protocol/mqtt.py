@@ -1,0 +1,503 @@
+"""The MQTT session every component uses: a thin typed wrapper over paho-mqtt 2 (MQTT 5, callback API 2).
+
+What it adds to paho:
+- a persistent session (`clean_start=False` + Session Expiry Interval) and subscriptions re-sent on every
+  connect, in case the broker lost the session (restart without persistence, session expired);
+- an optional will, and a birth message published on every (re)connect;
+- jittered exponential reconnect backoff: paho's own backoff doubles without jitter, so a fleet that lost
+  its broker would reconnect in lockstep. Paho calls `on_disconnect` (or `on_connect_fail`) exactly once
+  before each of its reconnect waits; there we set paho's delay to the next jittered value;
+- handlers that get a typed `Message`; an exception in a handler is logged, never kills the network loop;
+- `publish` returns a `PublishHandle` that completes when the broker acknowledges (PUBACK for QoS 1).
+
+Paho 2.2 facts the callers rely on (read in its source): a QoS 1/2 message stays in paho's memory until
+its PUBACK/PUBCOMP, whatever the connection does. Published while disconnected, it is queued and sent after
+the next CONNACK; in flight when the link dropped, it is re-sent with DUP after the next CONNACK, whether or
+not the broker kept the session (without a session the broker takes it as a new message). Paho keeps at
+most `max_inflight` QoS>0 messages on the wire and queues the rest in memory; it does not honour the
+broker's Receive Maximum by itself, so `receive_maximum` exposes it for callers that bound their window.
+Paho calls `on_publish` while holding its message lock: ack callbacks must be short and must not publish.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import socket
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+from pydantic import BaseModel, ConfigDict, Field
+
+from fleet_protocol.topics import DEFAULT_ROOT
+
+log = logging.getLogger(__name__)
+
+MQTT_DEFAULT_RECEIVE_MAXIMUM = 65_535  # what a CONNACK without Receive Maximum means (MQTT 5, 3.2.2.3.3)
+DISCONNECT_WITH_WILL = 0x04
+FAILURE_THRESHOLD = 0x80  # MQTT 5 reason codes from 0x80 up are failures
+
+
+class MqttSettings(BaseModel):
+    """How to reach the broker and how the session behaves; components embed this in their config."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=1883, ge=1, le=65535)
+    client_id: str = Field(min_length=1)
+    username: str | None = None
+    password: str | None = Field(default=None, repr=False)
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    keepalive_s: int = Field(default=30, ge=1)
+    session_expiry_s: int = Field(default=3600, ge=0)
+    clean_start: bool = False
+    reconnect_min_delay_s: float = Field(default=0.5, gt=0)
+    reconnect_max_delay_s: float = Field(default=30.0, gt=0)
+    max_inflight: int = Field(default=100, ge=1)  # QoS>0 messages paho keeps on the wire at once
+    topic_root: str = DEFAULT_ROOT
+
+    @property
+    def uses_tls(self) -> bool:
+        return any(path is not None for path in (self.tls_ca, self.tls_cert, self.tls_key))
+
+
+@dataclass(frozen=True, slots=True)
+class MessageProperties:
+    """The MQTT 5 publish properties edgefleet uses."""
+
+    content_type: str | None = None
+    correlation_data: bytes | None = None
+    response_topic: str | None = None
+    user_properties: tuple[tuple[str, str], ...] = ()
+
+    def to_paho(self) -> Properties | None:
+        if self == NO_PROPERTIES:
+            return None
+        props = _properties(PacketTypes.PUBLISH)
+        if self.content_type is not None:
+            props.ContentType = self.content_type
+        if self.correlation_data is not None:
+            props.CorrelationData = self.correlation_data
+        if self.response_topic is not None:
+            props.ResponseTopic = self.response_topic
+        if self.user_properties:
+            props.UserProperty = list(self.user_properties)
+        return props
+
+    @classmethod
+    def from_paho(cls, props: Properties | None) -> MessageProperties:
+        if props is None:
+            return NO_PROPERTIES
+        user = getattr(props, "UserProperty", None) or ()
+        return cls(
+            content_type=getattr(props, "ContentType", None),
+            correlation_data=getattr(props, "CorrelationData", None),
+            response_topic=getattr(props, "ResponseTopic", None),
+            user_properties=tuple((str(key), str(value)) for key, value in user),
+        )
+
+
+NO_PROPERTIES = MessageProperties()
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A received message."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    properties: MessageProperties = NO_PROPERTIES
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingMessage:
+    """A message the session itself sends: the will, or the birth message."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+    properties: MessageProperties = NO_PROPERTIES
+
+
+def _properties(packet_type: int) -> Properties:
+    return Properties(packet_type)  # type: ignore[no-untyped-call]  # paho leaves __init__ unannotated
+
+
+MessageHandler = Callable[[Message], None]
+AckCallback = Callable[["PublishHandle"], None]
+ConnectListener = Callable[[bool], None]  # called with session_present after every successful connect
+
+
+_HANDLE_EVENT_LOCK = threading.Lock()
+
+
+class PublishHandle:
+    """One publish; `done` when the broker acknowledged it (QoS 1/2), it was written (QoS 0), or it failed.
+
+    `reason_code` is the broker's MQTT 5 reason (0 = success, 0x10 = no matching subscribers, >= 0x80 =
+    refused); `error` says why the message never reached the broker (then `reason_code` is None).
+    """
+
+    __slots__ = ("_done", "_event", "_on_ack", "error", "mid", "qos", "reason_code")
+
+    def __init__(self, mid: int, qos: int, on_ack: AckCallback | None) -> None:
+        self.mid = mid
+        self.qos = qos
+        self.reason_code: int | None = None
+        self.error: str | None = None
+        self._on_ack = on_ack
+        self._done = False
+        self._event: threading.Event | None = None  # made by the first wait(): most are never waited on
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    @property
+    def ok(self) -> bool:
+        """Acknowledged with a success reason code."""
+        return self.done and self.reason_code is not None and self.reason_code < FAILURE_THRESHOLD
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until done; True if the broker accepted the message."""
+        with _HANDLE_EVENT_LOCK:
+            if self._event is None:
+                self._event = threading.Event()
+                if self._done:
+                    self._event.set()
+        self._event.wait(timeout)
+        return self.ok
+
+    def _complete(self, reason_code: int | None, error: str | None = None) -> None:
+        self.reason_code, self.error = reason_code, error
+        self._done = True  # before reading _event: wait() checks _done after making the event
+        event = self._event
+        if event is not None:
+            event.set()
+        if self._on_ack is not None:
+            try:
+                self._on_ack(self)
+            except Exception:
+                log.exception("ack callback for message id %d failed", self.mid)
+
+
+@dataclass(frozen=True, slots=True)
+class _Subscription:
+    topic_filter: str
+    match_filter: str  # without the `$share/<group>/` prefix: what incoming topics are matched against
+    handler: MessageHandler
+    qos: int
+
+
+class Backoff:
+    """Exponential backoff with "equal jitter": the n-th delay is uniform in [cap/2, cap], cap = min*2^n."""
+
+    def __init__(self, min_delay_s: float, max_delay_s: float) -> None:
+        if min_delay_s <= 0 or max_delay_s < min_delay_s:
+            raise ValueError(f"backoff needs 0 < min <= max, got min={min_delay_s} max={max_delay_s}")
+        self.min_delay_s, self.max_delay_s = min_delay_s, max_delay_s
+        self.attempts = 0
+
+    def next_delay(self) -> float:
+        cap = min(self.max_delay_s, self.min_delay_s * 2 ** min(self.attempts, 32))
+        self.attempts += 1
+        return random.uniform(cap / 2, cap)
+
+    def reset(self) -> None:
+        self.attempts = 0
+
+
+class MqttSession:
+    """One MQTT 5 connection with a persistent session; `connect()` starts paho's network thread."""
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        *,
+        will: OutgoingMessage | None = None,
+        birth: OutgoingMessage | Callable[[], OutgoingMessage] | None = None,
+    ) -> None:
+        self.settings = settings
+        self._birth = birth
+        self._backoff = Backoff(settings.reconnect_min_delay_s, settings.reconnect_max_delay_s)
+        self._connected = threading.Event()
+        self._lock = threading.Lock()  # guards the subscriptions and the ack bookkeeping below
+        self._subscriptions: dict[str, _Subscription] = {}
+        self._pending: dict[int, PublishHandle] = {}
+        self._early_acks: dict[int, int] = {}  # acks that arrived before publish() registered the handle
+        self._connect_listeners: list[ConnectListener] = []
+        self.receive_maximum = MQTT_DEFAULT_RECEIVE_MAXIMUM
+        self.session_present = False
+        self.connect_count = 0
+        self._stopping = False  # set by disconnect()/abort(): no reconnect, no "disconnected" warning
+        self._client = self._new_client(will)
+
+    # ---- connection -------------------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def connect(self) -> None:
+        """Start connecting in paho's network thread; returns at once (see `wait_connected`)."""
+        props = _properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self.settings.session_expiry_s
+        self._client.connect_async(
+            self.settings.host,
+            self.settings.port,
+            keepalive=self.settings.keepalive_s,
+            clean_start=self.settings.clean_start,
+            properties=props,
+        )
+        self._stopping = False
+        self._client.loop_start()
+
+    def wait_connected(self, timeout: float | None = None) -> bool:
+        return self._connected.wait(timeout)
+
+    def disconnect(self, *, publish_will: bool = False) -> None:
+        """Clean disconnect; the broker discards the will unless `publish_will` (MQTT 5 reason 0x04)."""
+        reason = ReasonCode(PacketTypes.DISCONNECT, identifier=DISCONNECT_WITH_WILL) if publish_will else None
+        self._stopping = True
+        self._client.disconnect(reasoncode=reason)
+        self._client.loop_stop()
+        self._connected.clear()
+
+    def abort(self) -> None:
+        """Drop the connection without DISCONNECT (the broker publishes the will) and stop the loop; tests."""
+        sock = self._client.socket()
+        self._stopping = True
+        if isinstance(sock, socket.socket):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self._client.loop_stop()
+        self._connected.clear()
+
+    def add_connect_listener(self, listener: ConnectListener) -> None:
+        self._connect_listeners.append(listener)
+
+    # ---- publish / subscribe --------------------------------------------------------------------------
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 1,
+        retain: bool = False,
+        properties: MessageProperties | None = None,
+        on_ack: AckCallback | None = None,
+    ) -> PublishHandle:
+        """Hand a message to paho; QoS>0 messages are kept (and re-sent after reconnects) until acked.
+
+        `on_ack` is called once, from paho's thread or from this call, when the handle is done.
+        """
+        props = properties.to_paho() if properties is not None else None
+        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        handle = PublishHandle(info.mid, qos, on_ack)
+        queued = info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS or (
+            qos > 0 and info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN
+        )
+        if not queued:
+            handle._complete(None, f"not sent: {paho.error_string(info.rc)}")
+            return handle
+        with self._lock:
+            early = self._early_acks.pop(info.mid, None)
+            if early is None:
+                self._pending[info.mid] = handle
+        if early is not None:
+            handle._complete(early)
+        return handle
+
+    def subscribe(self, topic_filter: str, handler: MessageHandler, qos: int = 1) -> None:
+        """Route messages matching `topic_filter` to `handler`; kept and re-subscribed on every connect."""
+        match_filter = topic_filter
+        if topic_filter.startswith("$share/"):
+            match_filter = topic_filter.split("/", 2)[2]
+        with self._lock:  # on_connect reads the subscriptions after setting `connected`, under this lock
+            self._subscriptions[topic_filter] = _Subscription(topic_filter, match_filter, handler, qos)
+            send_now = self.connected
+        if send_now:
+            self._client.subscribe(topic_filter, options=SubscribeOptions(qos=qos))
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        with self._lock:
+            self._subscriptions.pop(topic_filter, None)
+            send_now = self.connected
+        if send_now:
+            self._client.unsubscribe(topic_filter)
+
+    # ---- paho callbacks (paho's network thread) --------------------------------------------------------
+
+    def _new_client(self, will: OutgoingMessage | None) -> paho.Client:
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=self.settings.client_id, protocol=paho.MQTTv5
+        )
+        client.enable_logger(log)
+        client.suppress_exceptions = True  # belt and braces: our callbacks already catch their errors
+        client.max_inflight_messages_set(self.settings.max_inflight)
+        client.max_queued_messages_set(0)  # unbounded: callers bound what they hand over
+        if self.settings.username is not None:
+            client.username_pw_set(self.settings.username, self.settings.password)
+        if self.settings.uses_tls:
+            context = ssl.create_default_context(
+                cafile=str(self.settings.tls_ca) if self.settings.tls_ca else None
+            )
+            if self.settings.tls_cert is not None:
+                key = str(self.settings.tls_key) if self.settings.tls_key else None
+                context.load_cert_chain(str(self.settings.tls_cert), key)
+            client.tls_set_context(context)
+        if will is not None:
+            client.will_set(will.topic, will.payload, will.qos, will.retain, will.properties.to_paho())
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
+        return client
+
+    def _on_connect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: paho.ConnectFlags,
+        reason: ReasonCode,
+        props: Properties | None,
+    ) -> None:
+        if reason.is_failure:
+            log.error(
+                "broker %s:%d refused client %r: %s (check credentials, client id and ACL)",
+                self.settings.host,
+                self.settings.port,
+                self.settings.client_id,
+                reason,
+            )
+            return
+        self._backoff.reset()
+        self.session_present = flags.session_present
+        self.receive_maximum = getattr(props, "ReceiveMaximum", MQTT_DEFAULT_RECEIVE_MAXIMUM)
+        self.connect_count += 1
+        log.info(
+            "connected to %s:%d as %r (session present: %s)",
+            self.settings.host,
+            self.settings.port,
+            self.settings.client_id,
+            flags.session_present,
+        )
+        with self._lock:
+            self._connected.set()
+            subscriptions = [
+                (s.topic_filter, SubscribeOptions(qos=s.qos)) for s in self._subscriptions.values()
+            ]
+        if subscriptions:
+            client.subscribe(subscriptions)
+        self._publish_birth()
+        for listener in list(self._connect_listeners):
+            try:
+                listener(flags.session_present)
+            except Exception:
+                log.exception("connect listener %r failed", listener)
+
+    def _publish_birth(self) -> None:
+        if self._birth is None:
+            return
+        try:
+            birth = self._birth() if callable(self._birth) else self._birth
+            self.publish(birth.topic, birth.payload, birth.qos, birth.retain, birth.properties)
+        except Exception:
+            log.exception("publishing the birth message failed")
+
+    def _on_disconnect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: paho.DisconnectFlags,
+        reason: ReasonCode,
+        props: Properties | None,
+    ) -> None:
+        was_connected = self._connected.is_set()
+        self._connected.clear()
+        self._fail_unsent_qos0()
+        if self._stopping:
+            client.loop_stop()  # from paho's own thread this only flags it to end now, not after a backoff
+            return
+        delay = self._schedule_reconnect()
+        if was_connected:
+            log.warning("disconnected from %s:%d (%s); reconnecting in %.1f s", *self._where(), reason, delay)
+
+    def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        delay = self._schedule_reconnect()
+        log.info("cannot reach broker %s:%d; retrying in %.1f s", *self._where(), delay)
+
+    def _schedule_reconnect(self) -> float:
+        delay = self._backoff.next_delay()
+        # Paho types the delays as int but waits with float arithmetic (sleep until a float deadline).
+        self._client.reconnect_delay_set(delay, delay)  # type: ignore[arg-type]
+        return delay
+
+    def _where(self) -> tuple[str, int]:
+        return self.settings.host, self.settings.port
+
+    def _fail_unsent_qos0(self) -> None:
+        """QoS 0 messages still queued when the link dropped are discarded by paho without a callback."""
+        with self._lock:
+            lost = [mid for mid, handle in self._pending.items() if handle.qos == 0]
+            handles = [self._pending.pop(mid) for mid in lost]
+        for handle in handles:
+            handle._complete(None, "connection lost before the QoS 0 message was written")
+
+    def _on_publish(
+        self, client: paho.Client, userdata: Any, mid: int, reason: ReasonCode, props: Properties
+    ) -> None:
+        with self._lock:
+            handle = self._pending.pop(mid, None)
+            if handle is None:
+                self._early_acks[mid] = reason.value
+        if handle is not None:
+            handle._complete(reason.value)
+
+    def _on_message(self, client: paho.Client, userdata: Any, raw: paho.MQTTMessage) -> None:
+        message = Message(
+            topic=raw.topic,
+            payload=bytes(raw.payload),
+            qos=raw.qos,
+            retain=bool(raw.retain),
+            properties=MessageProperties.from_paho(getattr(raw, "properties", None)),
+        )
+        with self._lock:
+            handlers = [
+                s.handler
+                for s in self._subscriptions.values()
+                if paho.topic_matches_sub(s.match_filter, raw.topic)
+            ]
+        for handler in handlers:
+            try:
+                handler(message)
+            except Exception:
+                log.exception("handler %r failed on a message on %s", handler, message.topic)
+
+    def _on_subscribe(
+        self, client: paho.Client, userdata: Any, mid: int, reasons: list[ReasonCode], props: Properties
+    ) -> None:
+        for reason in reasons:
+            if reason.is_failure:
+                log.error(
+                    "broker refused a subscription of %r: %s (check the ACL)", self.settings.client_id, reason
+                )
