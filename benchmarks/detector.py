@@ -140,7 +140,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--calls", type=int, default=20, help="calls of each kind per round")
     parser.add_argument("--api-seconds", type=float, default=10.0, help="seconds per concurrency level")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="API inference workers to try")
+    parser.add_argument(
+        "--workers", type=int, nargs="*", default=[1, 2], help="API workers to try (none: skip the API)"
+    )
     args = parser.parse_args()
     detector = Detector(args.model)
     print(f"model {args.model.name}, providers {detector.providers}, image {args.image.name}\n")
