@@ -77,14 +77,13 @@ class OutboxConfig(BaseModel):
 
 
 class LinkConfig(BaseModel):
-    """How a slow or missing link changes what is sent."""
+    """How the link to the broker is watched."""
 
-    crop_hold_rtt_ms: float = Field(
-        default=1500.0,
+    rtt_probe_interval_s: float = Field(
+        default=10.0,
         gt=0,
-        description="Above this round-trip time, crops wait in the outbox; events go first.",
+        description="How often the publish-to-PUBACK round trip is measured.",
     )
-    rtt_probe_interval_s: float = Field(default=10.0, gt=0, description="How often the link RTT is measured.")
 
 
 class LocalApiConfig(BaseModel):
@@ -124,7 +123,7 @@ class AgentSettings(BaseSettings):
         default_factory=CropPolicyConfig, description="Which detections are cropped."
     )
     outbox: OutboxConfig = Field(default_factory=OutboxConfig, description="The durable outbox.")
-    link: LinkConfig = Field(default_factory=LinkConfig, description="Behaviour on a slow link.")
+    link: LinkConfig = Field(default_factory=LinkConfig, description="Link measurement.")
     api: LocalApiConfig = Field(default_factory=LocalApiConfig, description="The local HTTP API.")
     telemetry_interval_s: float = Field(
         default=10.0, ge=0.5, le=3600, description="Seconds between telemetry."
