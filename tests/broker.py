@@ -14,11 +14,14 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from fleet_protocol.mqtt import Message
 
 STOP_TIMEOUT_S = 10.0
 READY_TIMEOUT_S = 10.0
@@ -198,3 +201,29 @@ def private_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
         yield broker
     finally:
         broker.kill()
+
+
+class Inbox:
+    """Collects the messages a handler receives; `wait_for` blocks until a predicate holds."""
+
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+        self._changed = threading.Condition()
+
+    def __call__(self, message: Message) -> None:
+        with self._changed:
+            self.messages.append(message)
+            self._changed.notify_all()
+
+    def wait_for(self, predicate: Callable[[list[Message]], bool], timeout: float = 10.0) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: predicate(self.messages), timeout)
+
+    def payloads(self) -> list[bytes]:
+        with self._changed:
+            return [m.payload for m in self.messages]
+
+    def of(self, suffix: str) -> list[Message]:
+        """The messages whose topic ends with `suffix` (e.g. '/detections')."""
+        with self._changed:
+            return [m for m in self.messages if m.topic.endswith(suffix)]

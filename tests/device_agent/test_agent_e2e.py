@@ -6,9 +6,8 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -18,7 +17,7 @@ import pytest
 import yaml
 
 from fleet_protocol.ids import new_msg_id
-from fleet_protocol.mqtt import Message, MqttSession, MqttSettings
+from fleet_protocol.mqtt import MqttSession, MqttSettings
 from fleet_protocol.payloads import (
     CropMeta,
     DetectionEvent,
@@ -31,31 +30,10 @@ from fleet_protocol.payloads import (
     encode,
 )
 from fleet_protocol.topics import Topics
-from tests.broker import MosquittoBroker, free_port
+from tests.broker import Inbox, MosquittoBroker, free_port
 
 EDGEFLEET = str(Path(sys.executable).with_name("edgefleet"))
 TOPICS = Topics()
-
-
-class Inbox:
-    """Everything a subscriber received, by topic kind, with a way to wait for a condition."""
-
-    def __init__(self) -> None:
-        self.messages: list[Message] = []
-        self._changed = threading.Condition()
-
-    def __call__(self, message: Message) -> None:
-        with self._changed:
-            self.messages.append(message)
-            self._changed.notify_all()
-
-    def of(self, suffix: str) -> list[Message]:
-        with self._changed:
-            return [m for m in self.messages if m.topic.endswith(suffix)]
-
-    def wait_for(self, condition: Callable[[], bool], timeout: float) -> bool:
-        with self._changed:
-            return self._changed.wait_for(condition, timeout)
 
 
 def subscriber(broker: MosquittoBroker, topic_filter: str, inbox: Inbox) -> MqttSession:
@@ -111,7 +89,7 @@ def test_agent_publishes_events_and_crops_and_its_will_fires_on_kill_9(
     watch = subscriber(mqtt_broker, TOPICS.device_prefix(device_id) + "/#", inbox)
     try:
         assert inbox.wait_for(
-            lambda: len(inbox.of("/detections")) >= 20 and len(inbox.of("/crops")) >= 5, 90
+            lambda _: len(inbox.of("/detections")) >= 20 and len(inbox.of("/crops")) >= 5, 90
         ), (
             process.stderr.read1().decode()
             if process.poll() is not None and process.stderr
@@ -133,14 +111,14 @@ def test_agent_publishes_events_and_crops_and_its_will_fires_on_kill_9(
             image = cv2.imdecode(np.frombuffer(crop.payload, np.uint8), cv2.IMREAD_COLOR)
             assert image is not None
             assert max(image.shape[:2]) <= 160
-        assert inbox.wait_for(lambda: len(inbox.of("/telemetry")) >= 1, 10)
+        assert inbox.wait_for(lambda _: len(inbox.of("/telemetry")) >= 1, 10)
         telemetry = decode(TelemetryPayload, inbox.of("/telemetry")[-1].payload)
         assert telemetry.fps > 0
         assert "infer" in telemetry.latency_ms
 
         retained = Inbox()
         late = subscriber(mqtt_broker, TOPICS.status(device_id), retained)
-        assert retained.wait_for(lambda: len(retained.messages) >= 1, 10)
+        assert retained.wait_for(lambda messages: len(messages) >= 1, 10)
         assert retained.messages[0].retain
         assert decode(StatusPayload, retained.messages[0].payload).state.value == "online"
         late.disconnect()
@@ -148,7 +126,7 @@ def test_agent_publishes_events_and_crops_and_its_will_fires_on_kill_9(
         process.send_signal(signal.SIGKILL)
         process.wait(10)
         assert inbox.wait_for(
-            lambda: any(
+            lambda _: any(
                 decode(StatusPayload, m.payload).state.value == "offline" for m in inbox.of("/status")
             ),
             20,

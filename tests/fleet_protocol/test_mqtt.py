@@ -6,9 +6,8 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from itertools import count
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from fleet_protocol.mqtt import (
     MqttSettings,
     OutgoingMessage,
 )
-from tests.broker import MosquittoBroker
+from tests.broker import Inbox, MosquittoBroker
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _client_ids = count()
@@ -39,27 +38,6 @@ def settings_for(broker: MosquittoBroker, name: str, **overrides: object) -> Mqt
     }
     values.update(overrides)
     return MqttSettings.model_validate(values)
-
-
-class Inbox:
-    """Collects the messages a handler receives; `wait_for` blocks until a predicate holds."""
-
-    def __init__(self) -> None:
-        self.messages: list[Message] = []
-        self._changed = threading.Condition()
-
-    def __call__(self, message: Message) -> None:
-        with self._changed:
-            self.messages.append(message)
-            self._changed.notify_all()
-
-    def wait_for(self, predicate: Callable[[list[Message]], bool], timeout: float = 10.0) -> bool:
-        with self._changed:
-            return self._changed.wait_for(lambda: predicate(self.messages), timeout)
-
-    def payloads(self) -> list[bytes]:
-        with self._changed:
-            return [m.payload for m in self.messages]
 
 
 @pytest.fixture
