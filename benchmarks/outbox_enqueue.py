@@ -19,10 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from device_agent.outbox import MessageKind, MqttProperties, Outbox, OutboxLimits, OutboxMessage
+from device_agent.outbox import MessageKind, Outbox, OutboxLimits, OutboxMessage
+from fleet_protocol.mqtt import MessageProperties
 
 BATCH_SIZES = (1, 10, 100)
-CROP_PROPERTIES = MqttProperties(
+CROP_PROPERTIES = MessageProperties(
     content_type="application/json", user_properties=(("msg_id", "x"), ("label", "person"))
 )
 
@@ -35,7 +36,7 @@ def make_messages(count: int, payload_bytes: int, run: str) -> list[OutboxMessag
             topic="edgefleet/v1/devices/bench-0001/detections",
             payload=payload,
             kind=MessageKind.DETECTION,
-            properties=CROP_PROPERTIES if i % 10 == 0 else MqttProperties(),
+            properties=CROP_PROPERTIES if i % 10 == 0 else MessageProperties(),
         )
         for i in range(count)
     ]

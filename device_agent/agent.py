@@ -16,17 +16,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import uvicorn
+
 from device_agent.api import ApiSettings, create_app, make_server
 from device_agent.config import AgentSettings
 from device_agent.detector import Detector, DetectParams
 from device_agent.outbox import Outbox, OutboxFullError, OutboxLimits
 from device_agent.pipeline import ActiveModel, DetectionPipeline, ModelSlot, RecentEvents
 from device_agent.publisher import OutboxPublisher
-from device_agent.sources import FrameSource
+from device_agent.sources import Frame, FrameSource
 from device_agent.telemetry import TelemetryCollector
 from fleet_protocol import __version__
 from fleet_protocol.errors import PayloadError
-from fleet_protocol.mqtt import Message, MqttSession, MqttSettings, OutgoingMessage
+from fleet_protocol.mqtt import Message, MqttSession, MqttSettings, OutgoingMessage, PublishHandle
 from fleet_protocol.onnx_model import SessionOptions
 from fleet_protocol.payloads import DeviceState, ModelRef, RefinedPayload, StatusPayload, decode, encode
 from fleet_protocol.topics import Topics
@@ -74,7 +76,7 @@ class Agent:
         self.malformed_messages = 0
         self.frames_failed = 0
         self._threads: list[threading.Thread] = []
-        self._api_server: Any = None
+        self._api_server: uvicorn.Server | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------------------
 
@@ -147,7 +149,7 @@ class Agent:
             for frame in frames:
                 self._process(frame)
 
-    def _process(self, frame: Any) -> None:
+    def _process(self, frame: Frame) -> None:
         try:
             self.pipeline.process(frame)
         except OutboxFullError as error:
@@ -204,7 +206,7 @@ class Agent:
     def _birth(self) -> OutgoingMessage:
         return self._status_message(DeviceState.ONLINE)
 
-    def _publish_status(self, state: DeviceState) -> Any:
+    def _publish_status(self, state: DeviceState) -> PublishHandle:
         message = self._status_message(state)
         return self.session.publish(message.topic, message.payload, qos=1, retain=True)
 

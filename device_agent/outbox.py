@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from fleet_protocol.mqtt import NO_PROPERTIES, MessageProperties
+
 if sys.version_info >= (3, 11):
     from enum import StrEnum
 else:  # pragma: no cover - Python 3.10 (a supported device runtime) has no StrEnum
@@ -70,42 +72,31 @@ EXPIRED = "expired"
 KEPT_KINDS = (MessageKind.DETECTION.value, MessageKind.EVENT.value)
 
 
-@dataclass(frozen=True, slots=True)
-class MqttProperties:
-    """The MQTT 5 publish properties edgefleet uses; stored as JSON in the row."""
-
-    content_type: str | None = None
-    response_topic: str | None = None
-    correlation_data: bytes | None = None
-    user_properties: tuple[tuple[str, str], ...] = ()
-
-    def to_json(self) -> str:
-        data: dict[str, Any] = {}
-        if self.content_type is not None:
-            data["content_type"] = self.content_type
-        if self.response_topic is not None:
-            data["response_topic"] = self.response_topic
-        if self.correlation_data is not None:
-            data["correlation_data"] = base64.b64encode(self.correlation_data).decode("ascii")
-        if self.user_properties:
-            data["user_properties"] = [list(pair) for pair in self.user_properties]
-        return json.dumps(data, separators=(",", ":")) if data else "{}"
-
-    @classmethod
-    def from_json(cls, text: str) -> MqttProperties:
-        if text == "{}":
-            return NO_PROPERTIES
-        data = json.loads(text)
-        correlation = data.get("correlation_data")
-        return cls(
-            content_type=data.get("content_type"),
-            response_topic=data.get("response_topic"),
-            correlation_data=None if correlation is None else base64.b64decode(correlation),
-            user_properties=tuple((str(k), str(v)) for k, v in data.get("user_properties", ())),
-        )
+def properties_to_json(properties: MessageProperties) -> str:
+    """The MQTT 5 properties of a row as the JSON stored beside it (bytes as base64)."""
+    data: dict[str, Any] = {}
+    if properties.content_type is not None:
+        data["content_type"] = properties.content_type
+    if properties.response_topic is not None:
+        data["response_topic"] = properties.response_topic
+    if properties.correlation_data is not None:
+        data["correlation_data"] = base64.b64encode(properties.correlation_data).decode("ascii")
+    if properties.user_properties:
+        data["user_properties"] = [list(pair) for pair in properties.user_properties]
+    return json.dumps(data, separators=(",", ":")) if data else "{}"
 
 
-NO_PROPERTIES = MqttProperties()
+def properties_from_json(text: str) -> MessageProperties:
+    if text == "{}":
+        return NO_PROPERTIES
+    data = json.loads(text)
+    correlation = data.get("correlation_data")
+    return MessageProperties(
+        content_type=data.get("content_type"),
+        response_topic=data.get("response_topic"),
+        correlation_data=None if correlation is None else base64.b64decode(correlation),
+        user_properties=tuple((str(k), str(v)) for k, v in data.get("user_properties", ())),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +108,7 @@ class OutboxMessage:
     payload: bytes
     kind: MessageKind
     qos: int = 1
-    properties: MqttProperties = NO_PROPERTIES
+    properties: MessageProperties = NO_PROPERTIES
     created_at: float = field(default_factory=time.time)  # unix seconds
 
     def __post_init__(self) -> None:
@@ -529,7 +520,7 @@ def _count_drops(conn: sqlite3.Connection, reason: str, count: int) -> None:
 
 
 def _row_values(message: OutboxMessage) -> tuple[object, ...]:
-    properties = "{}" if message.properties is NO_PROPERTIES else message.properties.to_json()
+    properties = properties_to_json(message.properties)
     return (
         message.msg_id,
         message.topic,
@@ -550,7 +541,7 @@ def _to_row(values: tuple[Any, ...]) -> OutboxRow:
         payload=payload,
         kind=MessageKind(kind),
         qos=qos,
-        properties=MqttProperties.from_json(properties),
+        properties=properties_from_json(properties),
         created_at=created_at,
     )
     return OutboxRow(seq=seq, message=message)

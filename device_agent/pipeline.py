@@ -11,11 +11,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from device_agent.detector import DetectionResult, Detector, DetectParams
-from device_agent.outbox import MessageKind, MqttProperties, Outbox, OutboxFullError, OutboxMessage
+from device_agent.outbox import MessageKind, Outbox, OutboxFullError, OutboxMessage
 from device_agent.policies import Crop, CropPolicy, CropPolicyConfig, PublishPolicy, PublishPolicyConfig
 from device_agent.sources import Frame
 from device_agent.tracker import IouTracker, TrackedDetection
 from fleet_protocol.ids import new_det_id
+from fleet_protocol.mqtt import MessageProperties
 from fleet_protocol.payloads import (
     CropMeta,
     DetectionEvent,
@@ -203,7 +204,7 @@ class DetectionPipeline:
             topic=self._topics.detections(self.device_id),
             payload=encode(event),
             kind=MessageKind.DETECTION,
-            properties=MqttProperties(content_type="application/json"),
+            properties=MessageProperties(content_type="application/json"),
         )
 
     def _crop_message(self, crop: Crop, det_id: str, model: ModelRef) -> OutboxMessage:
@@ -222,7 +223,7 @@ class DetectionPipeline:
             topic=self._topics.crops(self.device_id),
             payload=crop.jpeg,
             kind=MessageKind.CROP,
-            properties=MqttProperties(
+            properties=MessageProperties(
                 content_type="image/jpeg",
                 response_topic=self._topics.refined(self.device_id),
                 correlation_data=det_id.encode(),

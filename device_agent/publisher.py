@@ -25,8 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
-from device_agent.outbox import NO_PROPERTIES, MqttProperties, Outbox, OutboxRow
-from fleet_protocol.mqtt import MessageProperties, MqttSession, PublishHandle
+from device_agent.outbox import Outbox, OutboxRow
+from fleet_protocol.mqtt import MqttSession, PublishHandle
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ class OutboxPublisher:
                 message.topic,
                 message.payload,
                 qos=message.qos,
-                properties=_session_properties(message.properties),
+                properties=message.properties,
                 on_ack=partial(self._on_ack, row.seq, message.msg_id),
             )
         except ValueError as exc:  # paho refuses the topic or payload: re-sending cannot help
@@ -315,14 +315,3 @@ class OutboxPublisher:
                     len(self._inflight),
                 )
         self._wake.set()
-
-
-def _session_properties(properties: MqttProperties) -> MessageProperties | None:
-    if properties is NO_PROPERTIES or properties == NO_PROPERTIES:
-        return None
-    return MessageProperties(
-        content_type=properties.content_type,
-        correlation_data=properties.correlation_data,
-        response_topic=properties.response_topic,
-        user_properties=properties.user_properties,
-    )

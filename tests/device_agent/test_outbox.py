@@ -18,7 +18,6 @@ import pytest
 
 from device_agent.outbox import (
     MessageKind,
-    MqttProperties,
     Outbox,
     OutboxFileError,
     OutboxFullError,
@@ -26,6 +25,7 @@ from device_agent.outbox import (
     OutboxMessage,
     OutboxRow,
 )
+from fleet_protocol.mqtt import MessageProperties
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TOPIC = "edgefleet/v1/devices/cam-0001/detections"
@@ -87,7 +87,7 @@ def test_mqtt_properties_round_trip(db_path: Path) -> None:
         payload=bytes(range(256)) * 3,
         kind=MessageKind.CROP,
         qos=2,
-        properties=MqttProperties(
+        properties=MessageProperties(
             content_type="image/jpeg",
             response_topic="edgefleet/v1/devices/cam-0001/refined",
             correlation_data=b"\x00\xffdet-7\x80",
@@ -100,7 +100,7 @@ def test_mqtt_properties_round_trip(db_path: Path) -> None:
         outbox.enqueue([crop, plain])
     with Outbox(db_path) as reopened:
         assert [row.message for row in all_rows(reopened)] == [crop, plain]
-        assert all_rows(reopened)[1].message.properties == MqttProperties()
+        assert all_rows(reopened)[1].message.properties == MessageProperties()
 
 
 def test_peek_after_seq_and_delete(db_path: Path) -> None:

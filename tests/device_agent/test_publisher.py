@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from device_agent.outbox import MessageKind, MqttProperties, Outbox, OutboxMessage
+from device_agent.outbox import MessageKind, Outbox, OutboxMessage
 from device_agent.publisher import OutboxPublisher
 from fleet_protocol.ids import new_msg_id
 from fleet_protocol.mqtt import Message, MessageProperties, MqttSession, MqttSettings
@@ -161,7 +161,7 @@ def test_mqtt5_properties_of_a_crop_arrive_intact(
     agent = Agent(mqtt_broker, tmp_path / "outbox.db")
     agents.append(agent)
     msg_id = new_msg_id()
-    props = MqttProperties(
+    props = MessageProperties(
         content_type="image/jpeg",
         response_topic="t/props/cam-1/refined",
         correlation_data=b"01J9DETECTIONID0000000000",
