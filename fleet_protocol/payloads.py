@@ -340,11 +340,12 @@ class ModelDesired(Envelope):
     url: str = Field(
         max_length=2048, pattern=r"^https?://[^\s]+$", description="Where to download the file (HTTP Range)."
     )
-    signature: str = Field(
-        min_length=1,
-        max_length=512,
-        pattern=r"^[A-Za-z0-9+/_-]+={0,2}$",
-        description="Ed25519 signature over the canonical manifest {name, version, sha256, size}, base64.",
+    signature: (
+        Annotated[str, Field(min_length=1, max_length=512, pattern=r"^[A-Za-z0-9+/_-]+={0,2}$")] | None
+    ) = Field(
+        default=None,
+        description="Ed25519 signature over the canonical manifest {name, version, sha256, size}, base64; "
+        "devices refuse an unsigned model unless configured to allow them (development only).",
     )
     variant: Annotated[str, Field(max_length=32, pattern=r"^[a-z0-9][a-z0-9._-]*$")] | None = Field(
         default=None, description="Build variant, e.g. 'int8' or 'fp16'."
