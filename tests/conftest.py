@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-# One private Mosquitto per test session (`mqtt_broker`), or per test (`private_broker`).
-pytest_plugins = ["tests.broker"]
+# One private Mosquitto per test session (`mqtt_broker`), or per test (`private_broker`); one MLflow store.
+pytest_plugins = ["tests.broker", "tests.mlflow_store"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
