@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SHARED ?= ../shared
 
-.PHONY: install mosquitto test lint demo clean
+.PHONY: install mosquitto chromium test lint demo clean
 
 $(BIN)/edgefleet: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,18 @@ mosquitto:
 	    exit 1; \
 	  fi; }
 
-test: install mosquitto
+# The dashboard's browser tests drive Chromium through Playwright; Debian's chromium package is used as is
+# (Playwright's own browser download is not needed). macOS: brew install --cask chromium.
+chromium:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else \
+	    echo "The dashboard tests need Chromium: sudo apt-get install chromium (or set EDGEFLEET_CHROMIUM)"; \
+	    exit 1; \
+	  fi; }
+
+test: install mosquitto chromium
 	$(BIN)/python -m pytest
 
 lint: install

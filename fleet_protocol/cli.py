@@ -68,7 +68,8 @@ def _missing_extra_command(entry_point: EntryPoint, error: ImportError) -> Any:
         )
         raise typer.Exit(2)
 
-    command.__doc__ = f"(not installed: pip install 'edgefleet[{extra}]')"
+    # Escaped so Rich's markup in --help does not eat the [extra].
+    command.__doc__ = f"(not installed: pip install 'edgefleet\\[{extra}]')"
     return command
 
 
