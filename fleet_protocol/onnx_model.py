@@ -53,6 +53,9 @@ class SessionOptions:
     inter_op_threads: int = 0
     tensorrt_fp16: bool = True
     tensorrt_cache_dir: Path | None = None
+    # Idle intra-op threads spin before they sleep; off, two sessions in one process (a device staging a new
+    # model beside the one serving) stop starving each other on a small CPU.
+    allow_spinning: bool = True
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,8 @@ def open_session(
     session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     session_options.intra_op_num_threads = options.intra_op_threads
     session_options.inter_op_num_threads = options.inter_op_threads
+    if not options.allow_spinning:
+        session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = resolve_providers(options.providers, ort.get_available_providers())
     provider_specs = [(name, _provider_options(name, options)) for name in providers]
     try:
