@@ -6,6 +6,7 @@ telemetry timer and the local API server. The caller's thread only waits for a s
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -21,16 +22,27 @@ import uvicorn
 from device_agent.api import ApiSettings, create_app, make_server
 from device_agent.config import AgentSettings
 from device_agent.detector import Detector, DetectParams
+from device_agent.model_store import ModelStore
+from device_agent.ota import OtaManager
 from device_agent.outbox import Outbox, OutboxFullError, OutboxLimits
 from device_agent.pipeline import ActiveModel, DetectionPipeline, ModelSlot, RecentEvents
 from device_agent.publisher import OutboxPublisher
 from device_agent.sources import Frame, FrameSource
 from device_agent.telemetry import TelemetryCollector
 from fleet_protocol import __version__
-from fleet_protocol.errors import PayloadError
+from fleet_protocol.errors import PayloadError, TopicError
 from fleet_protocol.mqtt import Message, MqttSession, MqttSettings, OutgoingMessage, PublishHandle
 from fleet_protocol.onnx_model import SessionOptions
-from fleet_protocol.payloads import DeviceState, ModelRef, RefinedPayload, StatusPayload, decode, encode
+from fleet_protocol.payloads import (
+    DeviceState,
+    ModelRef,
+    ModelReported,
+    RefinedPayload,
+    StatusPayload,
+    decode,
+    decode_model_desired,
+    encode,
+)
 from fleet_protocol.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -46,7 +58,22 @@ class Agent:
         self.topics = Topics(settings.broker.topic_root)
         self._stop = threading.Event()
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.model = ModelSlot(_load_model(settings))
+        self.ota: OtaManager | None = None
+        if settings.ota.enabled:
+            self.ota = OtaManager(
+                settings.ota,
+                ModelStore(settings.models_dir),
+                trust_store=settings.trust_store,
+                load=self._load_model_file,
+                load_configured=lambda: _load_model(settings),
+                configured_path=settings.model.path,
+                report=self._publish_model_reported,
+                device_id=settings.device_id,
+                on_model_changed=self._on_model_changed,
+            )
+            self.model = ModelSlot(self.ota.boot())  # the model the OTA record says is current, verified
+        else:
+            self.model = ModelSlot(_load_model(settings))
         self.outbox = Outbox(settings.outbox_path, _outbox_limits(settings))
         self.session = MqttSession(
             _mqtt_settings(settings), will=self._status_message(DeviceState.OFFLINE), birth=self._birth
@@ -57,6 +84,8 @@ class Agent:
             window=settings.outbox.inflight,
             on_rtt=self._on_rtt,
             rtt_probe_interval_s=settings.link.rtt_probe_interval_s,
+            crop_hold_rtt_ms=settings.link.crop_hold_rtt_ms,
+            crop_resume_rtt_ms=settings.link.crop_resume_rtt_ms,
         )
         self.telemetry = TelemetryCollector(settings.device_id)
         self.recent = RecentEvents(settings.recent_events)
@@ -74,6 +103,7 @@ class Agent:
             on_produced=_produced_log_writer(settings.produced_log),
         )
         self.malformed_messages = 0
+        self.commands_received = 0
         self.frames_failed = 0
         self._threads: list[threading.Thread] = []
         self._api_server: uvicorn.Server | None = None
@@ -86,7 +116,12 @@ class Agent:
         self.shutdown()
 
     def start(self) -> None:
-        self.session.subscribe(self.topics.refined(self.settings.device_id), self._on_refined)
+        device_id = self.settings.device_id
+        self.session.subscribe(self.topics.refined(device_id), self._on_refined)
+        self.session.subscribe(self.topics.cmd_filter(device_id), self._on_command)
+        if self.ota is not None:
+            self.ota.start(self.model)  # reports where it stands; the retained desired arrives after connect
+            self.session.subscribe(self.topics.model_desired(device_id), self._on_model_desired)
         self.session.connect()
         self.publisher.start()
         for source in self.sources:
@@ -116,6 +151,8 @@ class Agent:
             source.stop()
         for thread in self._threads:
             thread.join(timeout=max(0.1, deadline - time.monotonic() - 2.5))
+        if self.ota is not None:
+            self.ota.stop(timeout=0.5)
         if self.session.connected:
             self._publish_status(DeviceState.STOPPING)
             flushed = self.publisher.flush(timeout=max(0.1, deadline - time.monotonic() - 0.5))
@@ -154,18 +191,25 @@ class Agent:
             self.pipeline.process(frame)
         except OutboxFullError as error:
             log.error("outbox full, %d detection message(s) refused: %s", len(error.rejected), error)
-        except Exception:  # one bad frame must not stop detection
+        except Exception as error:  # one bad frame must not stop detection
             self.frames_failed += 1
             log.exception("frame %s/%d failed", frame.source_id, frame.seq)
+            if self.ota is not None:
+                self.ota.record_frame(self.pipeline.last_model, None, f"{type(error).__name__}: {error}")
             return
         if self.pipeline.last_result is not None:
             self.telemetry.record_frame(self.pipeline.last_result.timing)
+            if self.ota is not None:
+                total_ms = self.pipeline.last_result.timing.total_ms
+                self.ota.record_frame(self.pipeline.last_model, total_ms, None)
 
     def _telemetry_loop(self) -> None:
         while not self._stop.wait(self.settings.telemetry_interval_s):
             try:
                 dropped = sum(s.frames_dropped for s in self.sources)
-                payload = self.telemetry.snapshot(self.outbox.stats(), dropped)
+                payload = self.telemetry.snapshot(
+                    self.outbox.stats(), dropped, crops_held=self.publisher.crops_held
+                )
                 self.session.publish(self.topics.telemetry(self.settings.device_id), encode(payload), qos=0)
             except Exception:
                 log.exception("telemetry report failed")
@@ -183,6 +227,48 @@ class Agent:
             log.warning("ignored a malformed message on %s: %s", message.topic, error)
             return
         self.recent.add_refined(refined)
+
+    def _on_model_desired(self, message: Message) -> None:
+        try:
+            desired = decode_model_desired(message.payload)
+        except PayloadError as error:
+            self.malformed_messages += 1
+            log.warning("ignored a malformed model/desired: %s", error)
+            return
+        if desired is not None and desired.device_id != self.settings.device_id:
+            log.warning("model/desired names device %r; applying it to this device anyway", desired.device_id)
+        if self.ota is not None:
+            self.ota.desired(desired)
+
+    def _on_command(self, message: Message) -> None:
+        self.commands_received += 1
+        try:
+            command = self.topics.parse(message.topic).command
+            body = json.loads(message.payload) if message.payload else {}
+            if not isinstance(body, dict):
+                raise ValueError("a command payload must be a JSON object (or empty)")
+        except (TopicError, ValueError, RecursionError) as error:  # bad JSON or UTF-8, or nested too deep
+            self.malformed_messages += 1
+            log.warning("ignored a malformed command on %s: %s", message.topic, error)
+            return
+        if command == "ota/retry" and self.ota is not None:
+            log.info("command ota/retry: trying the desired model again")
+            self.ota.retry()
+        else:
+            log.info("command %r received; this agent has no handler for it (ignored)", command)
+
+    def _publish_model_reported(self, report: ModelReported) -> None:
+        topic = self.topics.model_reported(self.settings.device_id)
+        self.session.publish(topic, encode(report), qos=1, retain=True)
+
+    def _on_model_changed(self) -> None:
+        if self.session.connected:
+            self._publish_status(DeviceState.ONLINE)  # the retained status names the active model
+
+    def _load_model_file(self, path: Path, ref: ModelRef) -> ActiveModel:
+        options = _session_options(self.settings)
+        detector = Detector(path, session_options=options, warmup=False)  # staging's smoke test warms it
+        return ActiveModel(detector, ref, _detect_params(self.settings, detector))
 
     def _status_payload(self, state: DeviceState) -> StatusPayload:
         active = self.model.get()
@@ -222,7 +308,16 @@ class Agent:
             "frames_failed": self.frames_failed,
             "frames_dropped": sum(s.frames_dropped for s in self.sources),
             "malformed_messages": self.malformed_messages,
-            "outbox": {"depth": stats.depth, "bytes": stats.bytes, "dropped": stats.dropped},
+            "commands_received": self.commands_received,
+            "ota": self.ota.snapshot() if self.ota is not None else None,
+            "subscriptions": self.session.topic_filters,
+            "outbox": {
+                "depth": stats.depth,
+                "bytes": stats.bytes,
+                "dropped": stats.dropped,
+                "crops_waiting": stats.waiting.get("crop", 0),
+                "crops_held": self.publisher.crops_held,
+            },
             "sources": [
                 {
                     "id": source.config.id,
@@ -251,9 +346,15 @@ class Agent:
 
 def _load_model(settings: AgentSettings) -> ActiveModel:
     model = settings.model
-    options = SessionOptions(providers=model.providers, intra_op_threads=model.threads)
-    detector = Detector(model.path, session_options=options, names_file=model.names_file)
-    return ActiveModel(detector, ModelRef(name=_model_name(model.path), version="local"))
+    detector = Detector(model.path, session_options=_session_options(settings), names_file=model.names_file)
+    ref = ModelRef(name=_model_name(model.path), version="local")
+    return ActiveModel(detector, ref, _detect_params(settings, detector))
+
+
+def _session_options(settings: AgentSettings) -> SessionOptions:
+    model = settings.model
+    # No spinning: while an OTA update stages, two sessions share the CPU with the inference loop.
+    return SessionOptions(providers=model.providers, intra_op_threads=model.threads, allow_spinning=False)
 
 
 def _model_name(path: Path) -> str:
@@ -290,6 +391,8 @@ def _mqtt_settings(settings: AgentSettings) -> MqttSettings:
         session_expiry_s=broker.session_expiry_s,
         max_inflight=settings.outbox.inflight,
         topic_root=broker.topic_root,
+        reconnect_min_delay_s=broker.reconnect_min_s,
+        reconnect_max_delay_s=broker.reconnect_max_s,
     )
 
 

@@ -8,10 +8,10 @@ Environment values merge into the file's sections, so secrets can stay out of th
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -43,6 +43,18 @@ class BrokerConfig(BaseModel):
         description="How long the broker keeps this device's session while it is away.",
     )
     topic_root: str = Field(default=DEFAULT_ROOT, description="Root of the topic tree.")
+    reconnect_min_s: float = Field(
+        default=0.5, gt=0, le=3600, description="First delay before reconnecting (jittered, doubles)."
+    )
+    reconnect_max_s: float = Field(
+        default=30.0, gt=0, le=3600, description="Longest delay between reconnect attempts."
+    )
+
+    @model_validator(mode="after")
+    def _backoff_in_order(self) -> BrokerConfig:
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("reconnect_max_s must be at least reconnect_min_s")
+        return self
 
 
 class ModelConfig(BaseModel):
@@ -77,13 +89,34 @@ class OutboxConfig(BaseModel):
 
 
 class LinkConfig(BaseModel):
-    """How the link to the broker is watched."""
+    """How the link to the broker is watched, and when crops wait for a better one."""
 
     rtt_probe_interval_s: float = Field(
         default=10.0,
         gt=0,
         description="How often the publish-to-PUBACK round trip is measured.",
     )
+    crop_hold_rtt_ms: float | None = Field(
+        default=1500.0,
+        ge=0,
+        le=3_600_000,
+        description="Above this round trip, crops wait in the outbox (within its caps) while detections go "
+        "on; they also wait while the link is down. None: hold crops only while the link is down.",
+    )
+    crop_resume_rtt_ms: float | None = Field(
+        default=500.0,
+        ge=0,
+        le=3_600_000,
+        description="Held crops go out again once a round trip is under this (at most crop_hold_rtt_ms; the "
+        "gap keeps a link near the threshold from flapping). None: the same as crop_hold_rtt_ms.",
+    )
+
+    @model_validator(mode="after")
+    def _resume_not_above_hold(self) -> LinkConfig:
+        hold, resume = self.crop_hold_rtt_ms, self.crop_resume_rtt_ms
+        if hold is not None and resume is not None and resume > hold:
+            raise ValueError(f"crop_resume_rtt_ms ({resume}) must not be above crop_hold_rtt_ms ({hold})")
+        return self
 
 
 class LocalApiConfig(BaseModel):
@@ -97,6 +130,83 @@ class LocalApiConfig(BaseModel):
     workers: int = Field(default=1, ge=1, le=64, description="Inference workers for API requests.")
     queue_size: int = Field(default=8, ge=0, le=1024, description="Requests that may wait before a 503.")
     max_upload_bytes: int = Field(default=20_000_000, ge=1_000, description="Largest accepted upload.")
+
+
+OtaHoldState = Literal["downloading", "verifying", "staging", "activating"]
+
+
+class OtaConfig(BaseModel):
+    """Over-the-air model updates: where models live, whom to trust, and how a new model is judged."""
+
+    enabled: bool = Field(
+        default=True, description="Follow model/desired (false: keep the configured model)."
+    )
+    models_dir: Path | None = Field(
+        default=None, description="Model files and the OTA record; default: <data_dir>/models."
+    )
+    trust_store: Path | None = Field(
+        default=None,
+        description="Folder of the registry's Ed25519 public keys (*.pub, *.pem); default: <data_dir>/trust.",
+    )
+    allow_unsigned: bool = Field(
+        default=False, description="Accept models without a signature. Development only: never in a fleet."
+    )
+    token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token for the artifact server; prefer the environment or token_file.",
+    )
+    token_file: Path | None = Field(
+        default=None, description="File holding the bearer token (read on every download; mode 0600)."
+    )
+    tls_ca: Path | None = Field(default=None, description="CA bundle for https URLs (default: the system's).")
+    download_timeout_s: float = Field(
+        default=30.0, gt=0, le=3600, description="Connect and read timeout of one download attempt."
+    )
+    retry_min_s: float = Field(
+        default=1.0, gt=0, le=3600, description="First delay before retrying a download."
+    )
+    retry_max_s: float = Field(default=60.0, gt=0, le=86_400, description="Longest delay between retries.")
+    give_up_after_s: float = Field(
+        default=6 * 3600, gt=0, description="Report failed when a download has not succeeded for this long."
+    )
+    latency_budget_ms: float = Field(
+        default=1000.0,
+        gt=0,
+        le=3_600_000,
+        description="Per-frame latency (pre + infer + post) a model must keep: the smoke inference must be "
+        "within it; in probation the p95 must stay within it x rollback_factor. Set it for the device.",
+    )
+    smoke_runs: int = Field(default=3, ge=1, le=100, description="Smoke inferences when staging (median).")
+    probation_s: float = Field(
+        default=60.0, ge=0, le=86_400, description="Seconds a new model is watched before it is committed."
+    )
+    probation_frames: int = Field(
+        default=20, ge=0, le=1_000_000, description="Frames a new model must infer before it is committed."
+    )
+    rollback_factor: float = Field(
+        default=1.5, ge=1.0, le=100, description="Roll back when the probation p95 exceeds budget x this."
+    )
+    probation_max_errors: int = Field(
+        default=0, ge=0, description="Inference errors tolerated in probation; one more rolls back."
+    )
+    max_restarts: int = Field(
+        default=2,
+        ge=0,
+        le=100,
+        description="Agent crashes tolerated while one update is under way (a model that crashes the agent "
+        "must not crash it forever); one more fails the update, or rolls it back in probation.",
+    )
+    test_hold_s: dict[OtaHoldState, float] = Field(
+        default_factory=dict,
+        description="Fault-injection aid for tests: stay this many seconds in a state after persisting and "
+        "reporting it, e.g. {verifying: 30}. Never set this on a device.",
+    )
+
+    @model_validator(mode="after")
+    def _retry_in_order(self) -> OtaConfig:
+        if self.retry_max_s < self.retry_min_s:
+            raise ValueError("retry_max_s must be at least retry_min_s")
+        return self
 
 
 class AgentSettings(BaseSettings):
@@ -125,6 +235,7 @@ class AgentSettings(BaseSettings):
     outbox: OutboxConfig = Field(default_factory=OutboxConfig, description="The durable outbox.")
     link: LinkConfig = Field(default_factory=LinkConfig, description="Link measurement.")
     api: LocalApiConfig = Field(default_factory=LocalApiConfig, description="The local HTTP API.")
+    ota: OtaConfig = Field(default_factory=OtaConfig, description="Over-the-air model updates.")
     telemetry_interval_s: float = Field(
         default=10.0, ge=0.5, le=3600, description="Seconds between telemetry."
     )
@@ -151,6 +262,14 @@ class AgentSettings(BaseSettings):
     @property
     def outbox_path(self) -> Path:
         return self.outbox.path or self.data_dir / "outbox.sqlite3"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.ota.models_dir or self.data_dir / "models"
+
+    @property
+    def trust_store(self) -> Path:
+        return self.ota.trust_store or self.data_dir / "trust"
 
     @classmethod
     def settings_customise_sources(

@@ -1,10 +1,12 @@
 """The device agent's durable outbox: every detection, crop and event is written here before it is published.
 
-A SQLite database in WAL mode. The pipeline thread `enqueue`s batches; the publisher thread `peek`s the oldest
-rows, publishes them and `delete`s each row when the broker's PUBACK arrives (at-least-once, per-device FIFO,
-`msg_id` stable across retries). The outbox is bounded by payload bytes and age: when full it drops the oldest
-crops first, then (only if configured) the oldest detections and events, and counts every drop in a table of
-the same database, so telemetry still reports them after a restart.
+A SQLite database in WAL mode. The pipeline thread `enqueue`s batches; the publisher thread publishes the
+oldest rows and deletes each row when the broker's PUBACK arrives (at-least-once, per-device FIFO, `msg_id`
+stable across retries). Listeners (the publisher) are handed the rows each `enqueue` committed, with their
+`seq`, so the live path never reads back what it just wrote; `peek` reads what was stored before (a backlog
+after a restart, or more than a listener keeps in memory). The outbox is bounded by payload bytes and age:
+when full it drops the oldest crops first, then (only if configured) the oldest detections and events, and
+counts every drop in a table of the same database, so telemetry still reports them after a restart.
 
 Durability: `synchronous=NORMAL` in WAL mode means a commit appends to the WAL file without fsync. A committed
 transaction survives the process dying (`kill -9`, OOM killer, segfault): the data is in the OS page cache and
@@ -33,8 +35,9 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from fleet_protocol.mqtt import NO_PROPERTIES, MessageProperties
 
@@ -72,6 +75,7 @@ EXPIRED = "expired"
 KEPT_KINDS = (MessageKind.DETECTION.value, MessageKind.EVENT.value)
 
 
+@lru_cache(maxsize=256)
 def properties_to_json(properties: MessageProperties) -> str:
     """The MQTT 5 properties of a row as the JSON stored beside it (bytes as base64)."""
     data: dict[str, Any] = {}
@@ -86,6 +90,7 @@ def properties_to_json(properties: MessageProperties) -> str:
     return json.dumps(data, separators=(",", ":")) if data else "{}"
 
 
+@lru_cache(maxsize=256)  # detections share one properties text: parse it once (the result is immutable)
 def properties_from_json(text: str) -> MessageProperties:
     if text == "{}":
         return NO_PROPERTIES
@@ -112,7 +117,8 @@ class OutboxMessage:
     created_at: float = field(default_factory=time.time)  # unix seconds
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "kind", MessageKind(self.kind))  # a plain "crop" string works too
+        if self.kind.__class__ is not MessageKind:
+            object.__setattr__(self, "kind", MessageKind(self.kind))  # a plain "crop" string works too
         if self.qos not in (0, 1, 2):
             raise ValueError(f"message {self.msg_id}: qos must be 0, 1 or 2, got {self.qos!r}")
 
@@ -138,6 +144,23 @@ class OutboxStats:
     bytes: int
     oldest_age_s: float | None
     dropped: dict[str, int]  # by kind ("crop", "detection", "event") and "expired"
+    waiting: dict[str, int] = field(default_factory=dict)  # depth by kind
+
+
+class OutboxListener(Protocol):
+    """Told what changed, after each commit, in the thread that committed (keep it short).
+
+    `rows_added`: the rows one `enqueue` stored, in seq order. `rows_dropped`: every row of `kinds` with
+    `seq <= up_to_seq` is gone (dropped to make room). `rows_expired`: every row created before `cutoff` (unix
+    seconds) is gone. The listener forgets what it kept of them. Calls from two threads may arrive out of
+    commit order. An exception in a listener is logged; it never fails the outbox call.
+    """
+
+    def rows_added(self, rows: Sequence[OutboxRow]) -> None: ...
+
+    def rows_dropped(self, kinds: frozenset[MessageKind], up_to_seq: int) -> None: ...
+
+    def rows_expired(self, cutoff: float) -> None: ...
 
 
 class OutboxFullError(RuntimeError):
@@ -149,6 +172,10 @@ class OutboxFullError(RuntimeError):
     def __init__(self, message: str, rejected: Sequence[OutboxMessage]) -> None:
         super().__init__(message)
         self.rejected = tuple(rejected)
+
+
+class _RowsGoneError(Exception):
+    """Some rows to acknowledge were already deleted: their kinds and sizes must be read from the table."""
 
 
 class OutboxFileError(RuntimeError):
@@ -171,7 +198,7 @@ _SCHEMA = (
     "CREATE INDEX outbox_kind_seq ON outbox (kind, seq)",
     "CREATE INDEX outbox_created_at ON outbox (created_at)",
     # Running totals per kind, updated in the very transaction that changes `outbox`, so `stats()` and the
-    # cap check are O(1): count(*)/sum(size) scan every row (see benchmarks/outbox_enqueue.py). Updated by
+    # cap check are O(1): count(*)/sum(size) scan every row (see benchmarks/outbox.py). Updated by
     # the code, not by per-row triggers, which cost ~20% of enqueue throughput.
     "CREATE TABLE totals (kind TEXT PRIMARY KEY, depth INTEGER NOT NULL, bytes INTEGER NOT NULL)",
     "INSERT INTO totals VALUES ('crop', 0, 0), ('detection', 0, 0), ('event', 0, 0)",
@@ -180,8 +207,16 @@ _SCHEMA = (
 )
 
 _INSERT = (
-    "INSERT INTO outbox (msg_id, topic, payload, kind, qos, properties, created_at, size)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO outbox (seq, msg_id, topic, payload, kind, qos, properties, created_at, size)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+# The stored bytes by kind, and (as kind '') the highest seq ever used: sqlite_sequence, or a higher row if
+# one was inserted by hand. Read in the enqueue transaction, which holds the write lock: the batch takes the
+# next seqs explicitly, so the outbox knows them without reading the rows back.
+_TOTALS_AND_LAST_SEQ = (
+    "SELECT kind, bytes FROM totals UNION ALL SELECT '', max("
+    "coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'outbox'), 0),"
+    " coalesce((SELECT max(seq) FROM outbox), 0))"
 )
 _SELECT = "SELECT seq, msg_id, topic, payload, kind, qos, properties, created_at FROM outbox"
 
@@ -204,6 +239,7 @@ class Outbox:
         self._registry_lock = threading.Lock()
         self._closed = False
         self._last_full_warning = -FULL_WARNING_INTERVAL_S
+        self._listeners: list[OutboxListener] = []
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._initialise(self._conn())
@@ -213,8 +249,17 @@ class Outbox:
 
     # ---- public API -------------------------------------------------------------------------------------
 
-    def enqueue(self, messages: Sequence[OutboxMessage]) -> None:
-        """Store a batch in one transaction; durable (see module doc) when it returns.
+    def add_listener(self, listener: OutboxListener) -> None:
+        """Tell `listener` about every later enqueue and drop (see `OutboxListener`)."""
+        with self._registry_lock:
+            self._listeners = [*self._listeners, listener]
+
+    def remove_listener(self, listener: OutboxListener) -> None:
+        with self._registry_lock:
+            self._listeners = [known for known in self._listeners if known is not listener]
+
+    def enqueue(self, messages: Sequence[OutboxMessage]) -> list[OutboxRow]:
+        """Store a batch in one transaction, durable (see module doc) on return; returns the rows stored.
 
         When the payload bytes would pass `max_bytes`, makes room by dropping stored crops (oldest first),
         then, only if `drop_detections_when_full`, stored detections/events (oldest first, and only to make
@@ -224,14 +269,27 @@ class Outbox:
         rest of the batch is committed).
         """
         if not messages:
-            return
+            return []
         conn = self._conn()
+        drops: list[tuple[frozenset[MessageKind], int]] = []
         with self._guard(), _write_transaction(conn):
-            kept, refused = self._make_room(conn, messages)
-            conn.executemany(_INSERT, [_row_values(m) for m in kept])
-            for kind in {m.kind for m in kept}:
-                of_kind = [len(m.payload) for m in kept if m.kind is kind]
-                _add_to_totals(conn, kind.value, len(of_kind), sum(of_kind))
+            kept, refused, last_seq = self._make_room(conn, messages, drops)
+            rows = [OutboxRow(last_seq + i, m) for i, m in enumerate(kept, start=1)]
+            conn.executemany(_INSERT, [_row_values(row) for row in rows])
+            if len(kept) == len(messages) and len({m.kind for m in kept}) == 1:
+                _add_to_totals(conn, kept[0].kind.value, len(kept), sum(len(m.payload) for m in kept))
+            else:
+                for kind in {m.kind for m in kept}:
+                    of_kind = [len(m.payload) for m in kept if m.kind is kind]
+                    _add_to_totals(conn, kind.value, len(of_kind), sum(of_kind))
+        for listener in self._listeners:
+            try:
+                for kinds, up_to_seq in drops:
+                    listener.rows_dropped(kinds, up_to_seq)
+                if rows:
+                    listener.rows_added(rows)
+            except Exception:
+                log.exception("outbox listener %r failed", listener)
         if refused:
             self._warn_full(f"refused {len(refused)} new message(s) of a batch")
         rejected = [m for m in refused if m.kind is not MessageKind.CROP]
@@ -243,17 +301,68 @@ class Outbox:
                 "link, raise max_bytes or enable drop_detections_when_full.",
                 rejected,
             )
+        return rows
 
-    def peek(self, limit: int, after_seq: int = 0) -> list[OutboxRow]:
-        """The oldest `limit` rows with `seq > after_seq`, oldest first; nothing is removed."""
+    def peek(
+        self, limit: int, after_seq: int = 0, *, crops: bool | None = None, before_seq: int | None = None
+    ) -> list[OutboxRow]:
+        """The oldest `limit` rows with `after_seq < seq < before_seq`, oldest first; nothing is removed.
+
+        `crops`: None, every kind; True, crops only; False, everything but crops.
+        """
         if limit <= 0:  # SQLite reads a negative LIMIT as "no limit"
             return []
+        where = "seq > ?"
+        parameters: list[object] = [after_seq]
+        if before_seq is not None:
+            where += " AND seq < ?"
+            parameters.append(before_seq)
+        if crops is not None:
+            # Crops: walk the (kind, seq) index. The rest: `+kind` keeps SQLite on the rowid (seq) order.
+            where += " AND kind = ?" if crops else " AND +kind != ?"
+            parameters.append(MessageKind.CROP.value)
         conn = self._conn()
         with self._guard():
             rows = conn.execute(
-                f"{_SELECT} WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)
+                f"{_SELECT} WHERE {where} ORDER BY seq LIMIT ?", (*parameters, limit)
             ).fetchall()
         return [_to_row(values) for values in rows]
+
+    def acknowledge(self, rows: Sequence[OutboxRow]) -> None:
+        """Remove published rows (on their PUBACKs), like `delete`, in one transaction.
+
+        The rows' kinds and sizes are known, so the running totals need no query; if some of the rows are
+        gone already (dropped to make room while in flight), falls back to `delete`.
+        """
+        if not rows:
+            return
+        by_kind: dict[str, list[int]] = {}
+        seqs: list[int] = []
+        for row in rows:
+            seqs.append(row.seq)
+            by_kind.setdefault(row.message.kind.value, [0, 0])
+            counts = by_kind[row.message.kind.value]
+            counts[0] += 1
+            counts[1] += len(row.message.payload)
+        seqs.sort()
+        if len(set(seqs)) != len(seqs) or len(seqs) > DELETE_CHUNK:
+            self.delete(seqs)
+            return
+        ranges, singles = _runs_of_consecutive(seqs)
+        conn = self._conn()
+        try:
+            with self._guard(), _write_transaction(conn):
+                before = conn.total_changes
+                for first, last in ranges:  # a range walks the b-trees in order: cheaper than an IN list
+                    conn.execute("DELETE FROM outbox WHERE seq BETWEEN ? AND ?", (first, last))
+                if singles:
+                    conn.execute(f"DELETE FROM outbox WHERE seq IN ({','.join('?' * len(singles))})", singles)
+                if conn.total_changes - before != len(seqs):
+                    raise _RowsGoneError  # rolls the transaction back
+                for kind, (count, size) in by_kind.items():
+                    _add_to_totals(conn, kind, -count, -size)
+        except _RowsGoneError:
+            self.delete(seqs)
 
     def delete(self, seqs: Iterable[int]) -> None:
         """Remove rows (on the broker's PUBACK); unknown seqs (already dropped or deleted) are ignored."""
@@ -274,6 +383,11 @@ class Outbox:
             count = _delete_where(conn, "created_at < ?", (cutoff,), index="outbox_created_at")
             _count_drops(conn, EXPIRED, count)
         if count:
+            for listener in self._listeners:
+                try:
+                    listener.rows_expired(cutoff)
+                except Exception:
+                    log.exception("outbox listener %r failed", listener)
             log.warning(
                 "outbox %s: %d message(s) older than %.0f s expired", self.path, count, self.limits.max_age_s
             )
@@ -285,14 +399,20 @@ class Outbox:
         with self._guard():
             conn.execute("BEGIN")  # one snapshot for the three reads
             try:
-                depth, total_bytes = conn.execute("SELECT sum(depth), sum(bytes) FROM totals").fetchone()
+                totals = conn.execute("SELECT kind, depth, bytes FROM totals").fetchall()
                 (oldest,) = conn.execute("SELECT min(created_at) FROM outbox").fetchone()
                 dropped = dict(conn.execute("SELECT reason, count FROM dropped").fetchall())
             finally:
                 if conn.in_transaction:
                     conn.execute("COMMIT")
         oldest_age = None if oldest is None else max(0.0, time.time() - oldest)
-        return OutboxStats(depth=depth, bytes=total_bytes, oldest_age_s=oldest_age, dropped=dropped)
+        return OutboxStats(
+            depth=sum(depth for _, depth, _ in totals),
+            bytes=sum(size for _, _, size in totals),
+            oldest_age_s=oldest_age,
+            dropped=dropped,
+            waiting={kind: depth for kind, depth, _ in totals},
+        )
 
     def close(self) -> None:
         """Close every thread's connection; call it after the threads using the outbox have stopped."""
@@ -311,26 +431,36 @@ class Outbox:
     # ---- internals ----------------------------------------------------------------------------------------
 
     def _make_room(
-        self, conn: sqlite3.Connection, messages: Sequence[OutboxMessage]
-    ) -> tuple[list[OutboxMessage], list[OutboxMessage]]:
-        """Refuse what cannot fit, then drop the stored rows the rest needs: (kept, refused)."""
-        stored = {kind: size for kind, size in conn.execute("SELECT kind, bytes FROM totals")}
+        self,
+        conn: sqlite3.Connection,
+        messages: Sequence[OutboxMessage],
+        drops: list[tuple[frozenset[MessageKind], int]],
+    ) -> tuple[list[OutboxMessage], list[OutboxMessage], int]:
+        """Refuse what cannot fit, then drop the stored rows the rest needs: (kept, refused, last seq)."""
+        stored = {kind: size for kind, size in conn.execute(_TOTALS_AND_LAST_SEQ)}
+        last_seq = int(stored.pop(""))
         crops = stored[MessageKind.CROP.value]
         others = sum(stored[kind] for kind in KEPT_KINDS)
         free = self.limits.max_bytes - crops - others
         allowed = self.limits.drop_detections_when_full
         refused = _choose_refused(messages, free + crops, others if allowed else 0, allowed)
-        kept = [m for i, m in enumerate(messages) if i not in refused]
+        kept = [m for i, m in enumerate(messages) if i not in refused] if refused else list(messages)
         needed = sum(len(m.payload) for m in kept) - free
         if needed > 0:
-            needed -= self._drop_oldest(conn, (MessageKind.CROP.value,), needed)
+            needed -= self._drop_oldest(conn, (MessageKind.CROP.value,), needed, drops)
         if needed > 0:  # only reachable when dropping detections is allowed (see _choose_refused)
-            self._drop_oldest(conn, KEPT_KINDS, needed)
+            self._drop_oldest(conn, KEPT_KINDS, needed, drops)
         for i in refused:
             _count_drops(conn, messages[i].kind.value, 1)
-        return kept, [messages[i] for i in sorted(refused)]
+        return kept, [messages[i] for i in sorted(refused)], last_seq
 
-    def _drop_oldest(self, conn: sqlite3.Connection, kinds: tuple[str, ...], needed: int) -> int:
+    def _drop_oldest(
+        self,
+        conn: sqlite3.Connection,
+        kinds: tuple[str, ...],
+        needed: int,
+        drops: list[tuple[frozenset[MessageKind], int]],
+    ) -> int:
         """Delete the oldest rows of `kinds` until `needed` payload bytes are freed (or none are left)."""
         marks = ",".join("?" * len(kinds))
         # One kind: walk the (kind, seq) index. Several: `+kind` makes SQLite walk the table in seq order
@@ -351,6 +481,7 @@ class Outbox:
             for kind, (count, size) in dropped.items():
                 _add_to_totals(conn, kind, -count, -size)
                 _count_drops(conn, kind, count)
+            drops.append((frozenset(MessageKind(kind) for kind in kinds), last_seq))
             self._warn_full(f"dropped the oldest stored { {k: c for k, (c, _) in dropped.items()} }")
         return freed
 
@@ -468,6 +599,8 @@ def _choose_refused(
     add, for new detections/events only.
     """
     sizes = [len(m.payload) for m in messages]
+    if sum(sizes) <= room:  # the usual case: everything fits without touching stored detections
+        return set()
     crops = [i for i, m in enumerate(messages) if m.kind is MessageKind.CROP]
     others = [i for i, m in enumerate(messages) if m.kind is not MessageKind.CROP]
     refused: set[int] = set()
@@ -485,6 +618,24 @@ def _choose_refused(
         refused.add(i)
         crops_bytes -= sizes[i]
     return refused
+
+
+def _runs_of_consecutive(
+    seqs: list[int], min_run: int = 4, max_runs: int = 8
+) -> tuple[list[tuple[int, int]], list[int]]:
+    """Sorted unique `seqs` as ranges of consecutive seqs (at most `max_runs`, each of `min_run` or more) and
+    the seqs left over. Only whole runs of consecutive integers: a range never covers a seq not asked for."""
+    ranges: list[tuple[int, int]] = []
+    singles: list[int] = []
+    start = 0
+    for i in range(1, len(seqs) + 1):
+        if i == len(seqs) or seqs[i] != seqs[i - 1] + 1:
+            if i - start >= min_run and len(ranges) < max_runs:
+                ranges.append((seqs[start], seqs[i - 1]))
+            else:
+                singles.extend(seqs[start:i])
+            start = i
+    return ranges, singles
 
 
 def _delete_where(
@@ -519,9 +670,11 @@ def _count_drops(conn: sqlite3.Connection, reason: str, count: int) -> None:
         conn.execute("UPDATE dropped SET count = count + ? WHERE reason = ?", (count, reason))
 
 
-def _row_values(message: OutboxMessage) -> tuple[object, ...]:
+def _row_values(row: OutboxRow) -> tuple[object, ...]:
+    message = row.message
     properties = properties_to_json(message.properties)
     return (
+        row.seq,
         message.msg_id,
         message.topic,
         message.payload,
@@ -533,15 +686,12 @@ def _row_values(message: OutboxMessage) -> tuple[object, ...]:
     )
 
 
+_KIND_OF = {kind.value: kind for kind in MessageKind}
+
+
 def _to_row(values: tuple[Any, ...]) -> OutboxRow:
     seq, msg_id, topic, payload, kind, qos, properties, created_at = values
     message = OutboxMessage(
-        msg_id=msg_id,
-        topic=topic,
-        payload=payload,
-        kind=MessageKind(kind),
-        qos=qos,
-        properties=properties_from_json(properties),
-        created_at=created_at,
+        msg_id, topic, payload, _KIND_OF[kind], qos, properties_from_json(properties), created_at
     )
-    return OutboxRow(seq=seq, message=message)
+    return OutboxRow(seq, message)

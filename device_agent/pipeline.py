@@ -31,10 +31,11 @@ from fleet_protocol.topics import Topics
 
 @dataclass(frozen=True)
 class ActiveModel:
-    """The detector serving now and how the fleet names it."""
+    """The detector serving now, how the fleet names it, and its thresholds (None: the pipeline's)."""
 
     detector: Detector
     ref: ModelRef
+    params: DetectParams | None = None
 
 
 class ModelSlot:
@@ -128,11 +129,13 @@ class DetectionPipeline:
         self._on_produced = on_produced
         self._sources: dict[str, _SourceState] = {}
         self.last_result: DetectionResult | None = None
+        self.last_model: ActiveModel | None = None  # the model the last (or failing) frame went to
 
     def process(self, frame: Frame) -> DetectionEvent | None:
         """Detect in one frame; return the event if one was published (already durable in the outbox)."""
         active = self.model.get()
-        result = active.detector.run(frame.image, self.params)
+        self.last_model = active
+        result = active.detector.run(frame.image, active.params or self.params)
         self.last_result = result
         state = self._state_for(frame.source_id)
         tracked = state.tracker.update(result.detections)

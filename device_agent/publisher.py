@@ -7,6 +7,18 @@ Receive Maximum); paho keeps `MqttSettings.max_inflight` of them on the wire and
 thread answers each PUBACK with the next PUBLISH. While disconnected it publishes nothing new: rows
 accumulate in the outbox.
 
+Two lanes, each FIFO: detections (and events), and crops, published together in seq order (one FIFO) while
+the link is good. Crops are held (they wait in the outbox, within its caps, and local labels stand) while
+the link is down or its measured round trip is above `crop_hold_rtt_ms`, until one falls below
+`crop_resume_rtt_ms` (hysteresis, so a link near the threshold does not flap); meanwhile detections go on
+alone, still FIFO, and once released the held crops go first (they are older). While crops are held and no
+detection is going out to measure the link, one crop per probe interval goes out as the probe.
+
+Where rows come from: the publisher listens to the outbox, which hands it the rows each `enqueue` committed
+(with their seq), so the live path never reads SQLite back. It keeps at most `memory_rows` / `memory_bytes`
+of them per lane; whatever it does not hold (rows stored before it started, or beyond those bounds during
+an outage) it reads from the outbox in seq order. Kept rows are a cache: the outbox stays the truth.
+
 What is re-sent after a reconnect: rows already handed to paho stay in paho's memory until their PUBACK and
 paho re-sends them itself after the next CONNACK, with or without a session on the broker
 (`fleet_protocol.mqtt`). Publishing them again would only add duplicates, so the publisher re-publishes a
@@ -19,13 +31,16 @@ agent, the outbox is published again from its oldest row: duplicates carry the s
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from operator import attrgetter
 
-from device_agent.outbox import Outbox, OutboxRow
+from device_agent.outbox import DELETE_CHUNK, MessageKind, Outbox, OutboxRow
 from fleet_protocol.mqtt import MqttSession, PublishHandle
 
 log = logging.getLogger(__name__)
@@ -39,6 +54,9 @@ PERMANENT_FAILURES = frozenset(
         0x99,  # payload format invalid
     }
 )
+MEMORY_ROWS = 5_000
+MEMORY_BYTES = 8 * 1024 * 1024
+_BY_SEQ = attrgetter("seq")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +66,95 @@ class PublisherCounters:
     resent: int  # rows unacknowledged at a reconnect (paho sends them again) plus rows re-published here
     rejected: int  # rows refused for good by the broker (deleted, not retried)
     inflight: int  # rows handed to paho and not yet acknowledged
+    crops_held: bool = False  # crops wait in the outbox: the link is down or slow
+
+
+class CropHold:
+    """Whether crops wait, judged on each measured round trip: held above `hold_ms`, released below
+    `resume_ms` (<= hold_ms; None: the same), unchanged in between. `hold_ms` None: never held."""
+
+    def __init__(self, hold_ms: float | None, resume_ms: float | None = None) -> None:
+        resume = hold_ms if resume_ms is None else resume_ms
+        if hold_ms is not None and not (
+            resume is not None and math.isfinite(hold_ms) and math.isfinite(resume) and 0 <= resume <= hold_ms
+        ):
+            raise ValueError(
+                f"crop hold thresholds must be finite with 0 <= resume <= hold, got hold {hold_ms!r} ms and "
+                f"resume {resume_ms!r} ms"
+            )
+        self.hold_ms, self.resume_ms = hold_ms, resume
+        self.held = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.hold_ms is not None
+
+    def observe(self, rtt_ms: float) -> bool:
+        """Judge one round trip; returns whether crops are held now."""
+        if self.hold_ms is None or self.resume_ms is None:
+            self.held = False
+        elif not self.held and rtt_ms > self.hold_ms:
+            self.held = True
+            log.warning(
+                "link round trip %.0f ms is over %.0f ms: crops wait in the outbox until one under %.0f ms",
+                rtt_ms,
+                self.hold_ms,
+                self.resume_ms,
+            )
+        elif self.held and rtt_ms < self.resume_ms:
+            self.held = False
+            log.info("link round trip %.0f ms: held crops go out again", rtt_ms)
+        return self.held
+
+
+class _Lane:
+    """One FIFO lane: the seq handed out last, and the rows kept in memory for it (a contiguous run)."""
+
+    __slots__ = ("crops", "cursor", "kept", "kept_bytes", "kept_from", "pending")
+
+    def __init__(self, crops: bool) -> None:
+        self.crops = crops
+        self.cursor = 0  # highest seq of this lane taken (handed to paho or pending), or known not to exist
+        self.pending: deque[OutboxRow] = deque()  # taken but put back: the next to hand out, in seq order
+        self.kept: deque[OutboxRow] = deque()
+        self.kept_bytes = 0
+        # Every row of this lane with kept_from <= seq <= the publisher's kept_to is in `kept` (or was taken
+        # or dropped); None: nothing is known in memory, read the outbox.
+        self.kept_from: int | None = None
+
+    def forget(self, kept_from: int | None) -> None:
+        self.kept.clear()
+        self.kept_bytes = 0
+        self.kept_from = kept_from
+
+    def pop_through(self, seq: int) -> None:
+        kept = self.kept
+        while kept and kept[0].seq <= seq:
+            self.kept_bytes -= len(kept.popleft().message.payload)
+
+    def drop_through(self, seq: int) -> None:
+        """Forget the rows up to `seq`: they are gone from the outbox."""
+        self.pop_through(seq)
+        while self.pending and self.pending[0].seq <= seq:
+            self.pending.popleft()
+
+    def drop_created_before(self, cutoff: float) -> None:
+        """Forget the rows created before `cutoff`: they expired (the others stay, in order)."""
+        if any(row.message.created_at < cutoff for row in self.kept):
+            self.kept = deque(row for row in self.kept if row.message.created_at >= cutoff)
+            self.kept_bytes = sum(len(row.message.payload) for row in self.kept)
+        if any(row.message.created_at < cutoff for row in self.pending):
+            self.pending = deque(row for row in self.pending if row.message.created_at >= cutoff)
+
+    def take(self, count: int) -> list[OutboxRow]:
+        kept, taken = self.kept, list[OutboxRow]()
+        while kept and len(taken) < count:
+            row = kept.popleft()
+            self.kept_bytes -= len(row.message.payload)
+            taken.append(row)
+        if taken:
+            self.cursor = taken[-1].seq
+        return taken
 
 
 class OutboxPublisher:
@@ -66,6 +173,10 @@ class OutboxPublisher:
         expire_interval_s: float = 60.0,
         on_rtt: Callable[[float], None] | None = None,
         rtt_probe_interval_s: float = 10.0,
+        crop_hold_rtt_ms: float | None = None,
+        crop_resume_rtt_ms: float | None = None,
+        memory_rows: int = MEMORY_ROWS,
+        memory_bytes: int = MEMORY_BYTES,
     ) -> None:
         if window < 1:
             raise ValueError(f"window must be at least 1, got {window}")
@@ -74,11 +185,14 @@ class OutboxPublisher:
         self.window = window
         self._poll_interval_s = poll_interval_s
         self._delete_interval_s = delete_interval_s
-        self._delete_batch = delete_batch
+        self._delete_batch = min(delete_batch, DELETE_CHUNK)
         self._retry_delay_s = retry_delay_s
         self._expire_interval_s = expire_interval_s
         self._on_rtt = on_rtt
         self._rtt_probe_interval_s = rtt_probe_interval_s
+        self._crop_hold = CropHold(crop_hold_rtt_ms, crop_resume_rtt_ms)
+        self._memory_rows = memory_rows
+        self._memory_bytes = memory_bytes
 
         self._lock = threading.Lock()
         self._drained_changed = threading.Condition(self._lock)
@@ -86,12 +200,16 @@ class OutboxPublisher:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
-        # Guarded by _lock: the drain thread, paho's thread (acks) and callers of notify/flush share them.
+        # Guarded by _lock: the drain thread, paho's thread (acks), the enqueuing thread (rows_added) and
+        # callers of notify/flush share them.
         self._window_now = window  # the window, capped by the broker's Receive Maximum
-        self._cursor = 0  # highest seq handed to paho; the next peek starts after it
-        self._inflight: set[int] = set()
-        self._acked: list[int] = []  # acknowledged, to delete in the next batch
-        self._retry: set[int] = set()  # to publish again (paho gave up on them)
+        self._main = _Lane(crops=False)
+        self._crops = _Lane(crops=True)
+        self._kept_to = 0  # highest seq of the contiguous run the lanes keep
+        self._max_seen = 0  # highest seq the outbox reported; above _kept_to only after a gap
+        self._inflight: dict[int, OutboxRow] = {}
+        self._acked: list[OutboxRow] = []  # acknowledged, to delete in the next batch
+        self._retry: dict[int, OutboxRow] = {}  # to publish again (paho gave up on them)
         self._retry_at = 0.0
         self._generation = 0  # bumped by notify(); flush() waits for a drain that saw its generation
         self._drained_generation = -1
@@ -108,6 +226,11 @@ class OutboxPublisher:
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("the outbox publisher is already running")
+        with self._lock:  # rows enqueued while stopped were not seen: read the outbox until new ones come
+            self._main.forget(None)
+            self._crops.forget(None)
+            self._kept_to = self._max_seen = 0
+        self._outbox.add_listener(self)
         self._stopping.clear()
         self._thread = threading.Thread(target=self._run, name="outbox-publisher", daemon=True)
         self._thread.start()
@@ -119,7 +242,10 @@ class OutboxPublisher:
         self._wake.set()
 
     def flush(self, timeout: float) -> bool:
-        """Wait until every row enqueued before this call is acknowledged and deleted; False on timeout."""
+        """Wait until every row enqueued before this call is acknowledged and deleted; False on timeout.
+
+        Crops held by a slow link do not count: they stay in the outbox for later.
+        """
         self.notify()
         with self._lock:
             target = self._generation
@@ -127,6 +253,7 @@ class OutboxPublisher:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the drain thread; unacknowledged rows stay in the outbox for the next run."""
+        self._outbox.remove_listener(self)
         self._stopping.set()
         self._wake.set()
         if self._thread is not None:
@@ -134,6 +261,21 @@ class OutboxPublisher:
             if self._thread.is_alive():
                 log.error("outbox publisher thread did not stop within %.1f s", timeout)
             self._thread = None
+
+    def set_crop_hold(self, hold_ms: float | None, resume_ms: float | None = None) -> None:
+        """New crop hold thresholds (None: hold only while disconnected), judged on a round trip measured
+        now: the next row published (a held crop if nothing else goes out) is a probe."""
+        crop_hold = CropHold(hold_ms, resume_ms)
+        with self._lock:
+            crop_hold.held = self._crop_hold.held and crop_hold.enabled
+            self._crop_hold = crop_hold
+            self._next_probe_at = 0.0
+        self._wake.set()
+
+    @property
+    def crops_held(self) -> bool:
+        """Crops wait in the outbox: the link is down, or its last round trip was too slow."""
+        return self._crop_hold.held or not self._session.connected
 
     def counters(self) -> PublisherCounters:
         with self._lock:
@@ -143,7 +285,41 @@ class OutboxPublisher:
                 resent=self._resent,
                 rejected=self._rejected,
                 inflight=len(self._inflight),
+                crops_held=self._crop_hold.held or not self._session.connected,
             )
+
+    # ---- outbox listener (the enqueuing thread) ----------------------------------------------------------
+
+    def rows_added(self, rows: Sequence[OutboxRow]) -> None:
+        with self._lock:
+            first = rows[0].seq
+            main, crops = self._main, self._crops
+            for lane in (main, crops):
+                # after a gap (rows committed while stopped, or commits reported out of order) memory starts
+                # over: the rows below `first` are read from the outbox
+                if first != self._kept_to + 1 or lane.kept_from is None:
+                    lane.forget(first)
+            for row in rows:
+                lane = crops if row.message.kind is MessageKind.CROP else main
+                lane.kept.append(row)
+                lane.kept_bytes += len(row.message.payload)
+            self._kept_to = rows[-1].seq
+            self._max_seen = max(self._max_seen, self._kept_to)
+            for lane in (main, crops):
+                if len(lane.kept) > self._memory_rows or lane.kept_bytes > self._memory_bytes:
+                    lane.forget(self._kept_to + 1)  # they wait in the outbox; read back when their turn comes
+        self._wake.set()
+
+    def rows_dropped(self, kinds: frozenset[MessageKind], up_to_seq: int) -> None:
+        with self._lock:
+            for lane in (self._main, self._crops):
+                if lane.crops == (MessageKind.CROP in kinds):
+                    lane.drop_through(up_to_seq)
+
+    def rows_expired(self, cutoff: float) -> None:
+        with self._lock:
+            self._main.drop_created_before(cutoff)
+            self._crops.drop_created_before(cutoff)
 
     # ---- drain thread ----------------------------------------------------------------------------------
 
@@ -176,44 +352,92 @@ class OutboxPublisher:
             self._note_if_empty_while_disconnected()
             return 0
         generation, rows = self._next_rows()
+        publish = self._publish
         for row in rows:
-            self._publish(row)
+            publish(row)
         if not rows:
             self._delete_acked()
             self._note_if_drained(generation)
             return 0
-        with self._lock:
-            backlog = len(self._acked)
-        if backlog >= self._delete_batch:
+        if len(self._acked) >= self._delete_batch:
             self._delete_acked()
         return len(rows)
 
     def _next_rows(self) -> tuple[int, list[OutboxRow]]:
+        rows: list[OutboxRow] = []
         with self._lock:
             generation = self._generation
-            if self._retry and time.monotonic() >= self._retry_at:
-                self._cursor = min(self._cursor, min(self._retry) - 1)
-                self._resent += len(self._retry)
-                self._retry.clear()
-            cursor = self._cursor
-            busy = self._inflight | set(self._acked)
             self._window_now = min(self.window, self._session.receive_maximum)
             free = self._window_now - len(self._inflight)
+            if free > 0 and self._retry and time.monotonic() >= self._retry_at:
+                rows = sorted(self._retry.values(), key=_BY_SEQ)[:free]
+                for row in rows:
+                    del self._retry[row.seq]
+                self._resent += len(rows)
+            held = self._crop_hold.held
         if free <= 0:
             return generation, []
-        skipped = sum(1 for seq in busy if seq > cursor)  # only after a retry rewound the cursor
-        rows = [row for row in self._outbox.peek(free + skipped, after_seq=cursor) if row.seq not in busy]
-        rows = rows[:free]
+        want = free - len(rows)
+        main = self._lane_rows(self._main, want)
+        if not held:
+            crops = self._lane_rows(self._crops, want)
+            if crops:  # one FIFO: the oldest `want` of both lanes; the rest waits at the head of its lane
+                merged = sorted(main + crops, key=_BY_SEQ)
+                main, rest = merged[:want], merged[want:]
+                with self._lock:
+                    for row in reversed(rest):
+                        lane = self._crops if row.message.kind is MessageKind.CROP else self._main
+                        lane.pending.appendleft(row)
+        rows += main
+        if held and not rows and self._probe_due():
+            rows = self._lane_rows(self._crops, 1)  # no detection to measure the link with: one crop
+        if not rows:
+            return generation, rows
         with self._lock:
-            if rows:
-                self._cursor = max(self._cursor, rows[-1].seq)
-            self._inflight.update(row.seq for row in rows)
+            for row in rows:
+                self._inflight[row.seq] = row
             self._published += len(rows)
-            if rows and self._on_rtt is not None and self._probe is None:
+            if self._probe is None and (self._on_rtt is not None or self._crop_hold.enabled):
                 now = time.monotonic()
                 if now >= self._next_probe_at:
                     self._probe = (rows[0].seq, now)
         return generation, rows
+
+    def _probe_due(self) -> bool:
+        with self._lock:
+            return self._probe is None and time.monotonic() >= self._next_probe_at
+
+    def _lane_rows(self, lane: _Lane, count: int) -> list[OutboxRow]:
+        """The next `count` rows of `lane` after its cursor, from memory where it holds them, else SQLite."""
+        with self._lock:
+            taken = [lane.pending.popleft() for _ in range(min(count, len(lane.pending)))]
+        for _ in range(4):  # each round either fills `taken` or moves the cursor up to what memory covers
+            if len(taken) >= count:
+                break
+            with self._lock:
+                lane.pop_through(lane.cursor)
+                kept_from = lane.kept_from
+                if kept_from is not None and lane.cursor >= kept_from - 1:
+                    taken += lane.take(count - len(taken))
+                    if len(taken) >= count:
+                        break
+                    lane.cursor = max(lane.cursor, self._kept_to)  # memory held all of the lane up to it
+                    if self._max_seen <= self._kept_to:
+                        break
+                    kept_from = None  # rows above kept_to were reported out of order: read them
+                after = lane.cursor
+            rows = self._outbox.peek(count - len(taken), after, crops=lane.crops, before_seq=kept_from)
+            with self._lock:
+                rows = [row for row in rows if row.seq > lane.cursor]
+                if rows:
+                    taken += rows
+                    lane.cursor = rows[-1].seq
+                if len(taken) >= count:
+                    break
+                if kept_from is None:
+                    break  # the outbox holds nothing more for this lane
+                lane.cursor = max(lane.cursor, kept_from - 1)  # nothing below what memory holds
+        return taken
 
     def _publish(self, row: OutboxRow) -> None:
         message = row.message
@@ -223,19 +447,19 @@ class OutboxPublisher:
                 message.payload,
                 qos=message.qos,
                 properties=message.properties,
-                on_ack=partial(self._on_ack, row.seq, message.msg_id),
+                on_ack=partial(self._on_ack, row),
             )
         except ValueError as exc:  # paho refuses the topic or payload: re-sending cannot help
             log.error(
                 "outbox row %d (msg_id %s) cannot be published: %s; dropped", row.seq, message.msg_id, exc
             )
-            self._settle(row.seq, rejected=True)
+            self._settle(row, rejected=True)
 
     def _delete_acked(self) -> None:
         with self._lock:
-            seqs, self._acked = self._acked, []
-        if seqs:
-            self._outbox.delete(seqs)
+            rows, self._acked = self._acked, []
+        for start in range(0, len(rows), DELETE_CHUNK):
+            self._outbox.acknowledge(rows[start : start + DELETE_CHUNK])
 
     def _note_if_drained(self, generation: int) -> None:
         with self._lock:
@@ -246,10 +470,15 @@ class OutboxPublisher:
     def _note_if_empty_while_disconnected(self) -> None:
         """flush() on an empty outbox succeeds without a broker; peeks only when notify() asked."""
         with self._lock:
-            generation, cursor = self._generation, self._cursor
-            if generation <= self._drained_generation:
+            generation = self._generation
+            if generation <= self._drained_generation or self._main.pending:
                 return
-        if not self._outbox.peek(1, after_seq=cursor):
+            if self._crops.pending and not self._crop_hold.held:
+                return
+            lanes = [(self._main.cursor, False)]
+            if not self._crop_hold.held:
+                lanes.append((self._crops.cursor, True))
+        if not any(self._outbox.peek(1, after_seq=cursor, crops=crops) for cursor, crops in lanes):
             self._note_if_drained(generation)
 
     def _idle_wait(self) -> float:
@@ -262,38 +491,41 @@ class OutboxPublisher:
 
     # ---- callbacks (paho's thread, or the drain thread from inside publish) ----------------------------
 
-    def _on_ack(self, seq: int, msg_id: str, handle: PublishHandle) -> None:
+    def _on_ack(self, row: OutboxRow, handle: PublishHandle) -> None:
         if handle.ok:
-            self._settle(seq)
+            self._settle(row)
         elif handle.reason_code in PERMANENT_FAILURES:
             log.error(
-                "broker refused msg_id %s for good (reason 0x%02x); dropped", msg_id, handle.reason_code
+                "broker refused msg_id %s for good (reason 0x%02x); dropped",
+                row.message.msg_id,
+                handle.reason_code,
             )
-            self._settle(seq, rejected=True)
+            self._settle(row, rejected=True)
         else:
             why = handle.error or f"reason 0x{handle.reason_code or 0:02x}"
-            log.warning("msg_id %s not accepted (%s); re-publishing it", msg_id, why)
+            log.warning("msg_id %s not accepted (%s); re-publishing it", row.message.msg_id, why)
             with self._lock:
-                self._inflight.discard(seq)
-                self._retry.add(seq)
-                if self._probe is not None and self._probe[0] == seq:
+                self._inflight.pop(row.seq, None)
+                self._retry[row.seq] = row
+                if self._probe is not None and self._probe[0] == row.seq:
                     self._probe = None
                 self._retry_at = time.monotonic() + self._retry_delay_s
 
-    def _settle(self, seq: int, *, rejected: bool = False) -> None:
+    def _settle(self, row: OutboxRow, *, rejected: bool = False) -> None:
         """The row is done with: delete it in the next batch."""
         rtt_ms = None
         with self._lock:
-            self._inflight.discard(seq)
-            self._acked.append(seq)
+            self._inflight.pop(row.seq, None)
+            self._acked.append(row)
             if rejected:
                 self._rejected += 1
             else:
                 self._acked_total += 1
-            if self._probe is not None and self._probe[0] == seq:
+            if self._probe is not None and self._probe[0] == row.seq:
                 now = time.monotonic()
                 rtt_ms = (now - self._probe[1]) * 1e3
                 self._probe, self._next_probe_at = None, now + self._rtt_probe_interval_s
+                self._crop_hold.observe(rtt_ms)
             wake = len(self._acked) >= self._delete_batch or len(self._inflight) <= self._window_now // 2
         if wake and not self._wake.is_set():  # is_set is a plain read; set() takes a lock
             self._wake.set()

@@ -23,7 +23,7 @@ import psutil
 from pydantic import TypeAdapter, ValidationError
 
 from device_agent.detector import StageTimings
-from device_agent.outbox import OutboxStats
+from device_agent.outbox import MessageKind, OutboxStats
 from fleet_protocol.payloads import DeviceId, Key, StageLatency, TelemetryPayload
 from fleet_protocol.payloads import OutboxStats as WireOutboxStats
 
@@ -114,11 +114,14 @@ class TelemetryCollector:
         with self._lock:
             self._rtt_ms.clear()
 
-    def snapshot(self, outbox_stats: OutboxStats, frames_dropped: int) -> TelemetryPayload:
+    def snapshot(
+        self, outbox_stats: OutboxStats, frames_dropped: int, *, crops_held: bool = False
+    ) -> TelemetryPayload:
         """The report for the interval since the last snapshot; starts the next interval.
 
-        `frames_dropped` is the source's count since the agent started. With no frame in the interval,
-        `latency_ms` is empty; with no round trip measured, `link_rtt_ms` is None.
+        `frames_dropped` is the source's count since the agent started; `crops_held`, whether the publisher
+        holds crops back now (link down or slow). With no frame in the interval, `latency_ms` is empty; with
+        no round trip measured, `link_rtt_ms` is None.
         """
         if frames_dropped < 0:
             raise ValueError(
@@ -140,7 +143,7 @@ class TelemetryCollector:
             interval_s=min(max(elapsed, MIN_INTERVAL_S), MAX_INTERVAL_S),
             fps=round(min(frames / max(elapsed, MIN_INTERVAL_S), MAX_FPS), 2),
             latency_ms=stage_latencies(stage_rows),
-            outbox=wire_outbox_stats(outbox_stats),
+            outbox=wire_outbox_stats(outbox_stats, crops_held=crops_held),
             cpu_percent=cpu_percent,
             memory_mb=round(self._process.memory_info().rss / MIB, 2),
             temperature_c=hottest_temperature(self.thermal_root, self.sensors_fallback),
@@ -164,7 +167,7 @@ def _ms(value: float) -> float:
     return round(min(value, MAX_MS), 3)
 
 
-def wire_outbox_stats(stats: OutboxStats) -> WireOutboxStats:
+def wire_outbox_stats(stats: OutboxStats, *, crops_held: bool = False) -> WireOutboxStats:
     """The outbox's stats as the payload carries them; drop counts keyed 'crops', 'detections', ..."""
     dropped: dict[str, int] = {}
     for kind, count in stats.dropped.items():
@@ -175,7 +178,13 @@ def wire_outbox_stats(stats: OutboxStats) -> WireOutboxStats:
             log.warning("outbox drop kind %r is not a telemetry key [a-z][a-z0-9_]*; left out", kind)
             continue
         dropped[key] = dropped.get(key, 0) + count
-    return WireOutboxStats(depth=stats.depth, bytes=stats.bytes, dropped=dropped)
+    return WireOutboxStats(
+        depth=stats.depth,
+        bytes=stats.bytes,
+        dropped=dropped,
+        crops_waiting=stats.waiting.get(MessageKind.CROP.value, 0),
+        crops_held=crops_held,
+    )
 
 
 class CpuMeter:

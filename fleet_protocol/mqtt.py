@@ -22,6 +22,7 @@ Paho calls `on_publish` while holding its message lock: ack callbacks must be sh
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import random
 import socket
@@ -68,6 +69,10 @@ class MqttSettings(BaseModel):
     reconnect_min_delay_s: float = Field(default=0.5, gt=0)
     reconnect_max_delay_s: float = Field(default=30.0, gt=0)
     max_inflight: int = Field(default=100, ge=1)  # QoS>0 messages paho keeps on the wire at once
+    # Consumers that must not lose a message: received QoS>0 messages are acknowledged only by `ack()`, and
+    # the broker sends at most `receive_maximum` unacknowledged ones at a time (MQTT 5 flow control).
+    manual_ack: bool = False
+    receive_maximum: int | None = Field(default=None, ge=1, le=65535)
     topic_root: str = DEFAULT_ROOT
 
     @property
@@ -87,16 +92,7 @@ class MessageProperties:
     def to_paho(self) -> Properties | None:
         if self == NO_PROPERTIES:
             return None
-        props = _properties(PacketTypes.PUBLISH)
-        if self.content_type is not None:
-            props.ContentType = self.content_type
-        if self.correlation_data is not None:
-            props.CorrelationData = self.correlation_data
-        if self.response_topic is not None:
-            props.ResponseTopic = self.response_topic
-        if self.user_properties:
-            props.UserProperty = list(self.user_properties)
-        return props
+        return _paho_publish_properties(self)
 
     @classmethod
     def from_paho(cls, props: Properties | None) -> MessageProperties:
@@ -114,6 +110,24 @@ class MessageProperties:
 NO_PROPERTIES = MessageProperties()
 
 
+@functools.lru_cache(maxsize=128)
+def _paho_publish_properties(properties: MessageProperties) -> Properties:
+    """Built once per distinct value (building one costs ~20 µs; every detection carries the same one).
+
+    Shared between messages: paho only reads a message's properties (it packs them on every send).
+    """
+    props = _properties(PacketTypes.PUBLISH)
+    if properties.content_type is not None:
+        props.ContentType = properties.content_type
+    if properties.correlation_data is not None:
+        props.CorrelationData = properties.correlation_data
+    if properties.response_topic is not None:
+        props.ResponseTopic = properties.response_topic
+    if properties.user_properties:
+        props.UserProperty = list(properties.user_properties)
+    return props
+
+
 @dataclass(frozen=True, slots=True)
 class Message:
     """A received message."""
@@ -123,6 +137,8 @@ class Message:
     qos: int
     retain: bool
     properties: MessageProperties = NO_PROPERTIES
+    mid: int = 0  # the packet id, for `MqttSession.ack` (manual_ack); 0 for QoS 0
+    connection: int = 0  # `MqttSession.connect_count` when it arrived: a mid means nothing on a later link
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,6 +275,8 @@ class MqttSession:
         """Start connecting in paho's network thread; returns at once (see `wait_connected`)."""
         props = _properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.settings.session_expiry_s
+        if self.settings.receive_maximum is not None:
+            props.ReceiveMaximum = self.settings.receive_maximum
         self._client.connect_async(
             self.settings.host,
             self.settings.port,
@@ -336,6 +354,25 @@ class MqttSession:
         if send_now:
             self._client.subscribe(topic_filter, options=SubscribeOptions(qos=qos))
 
+    @property
+    def topic_filters(self) -> list[str]:
+        """The filters subscribed to (and re-subscribed on every connect), oldest first."""
+        with self._lock:
+            return list(self._subscriptions)
+
+    def ack(self, message: Message) -> bool:
+        """Acknowledge a QoS>0 message received with `manual_ack`; False if it is not ours to ack any more.
+
+        A message that arrived on an earlier connection is not acked: its packet id may name another message
+        now, and the broker re-sends the unacknowledged one on the new link anyway (consumers dedupe).
+        """
+        if not self.settings.manual_ack or message.qos == 0:
+            return True
+        if message.connection != self.connect_count or not self.connected:
+            return False
+        self._client.ack(message.mid, message.qos)
+        return True
+
     def unsubscribe(self, topic_filter: str) -> None:
         with self._lock:
             self._subscriptions.pop(topic_filter, None)
@@ -353,6 +390,7 @@ class MqttSession:
         client.suppress_exceptions = True  # belt and braces: our callbacks already catch their errors
         client.max_inflight_messages_set(self.settings.max_inflight)
         client.max_queued_messages_set(0)  # unbounded: callers bound what they hand over
+        client.manual_ack_set(self.settings.manual_ack)
         if self.settings.username is not None:
             client.username_pw_set(self.settings.username, self.settings.password)
         if self.settings.uses_tls:
@@ -480,6 +518,8 @@ class MqttSession:
             qos=raw.qos,
             retain=bool(raw.retain),
             properties=MessageProperties.from_paho(getattr(raw, "properties", None)),
+            mid=raw.mid,
+            connection=self.connect_count,
         )
         with self._lock:
             handlers = [

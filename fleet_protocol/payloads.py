@@ -163,6 +163,11 @@ class OutboxStats(_Model):
         max_length=16,
         description="Messages dropped since the agent started, by kind ('crops', 'detections').",
     )
+    crops_waiting: Count = Field(default=0, description="Crops among the waiting messages.")
+    crops_held: bool = Field(
+        default=False,
+        description="Crops are held back (they wait in the outbox) because the link is down or slow.",
+    )
 
 
 class TelemetryPayload(Envelope):

@@ -124,6 +124,60 @@ def test_peek_after_seq_and_delete(db_path: Path) -> None:
         assert all_rows(reopened)[0].seq > last_seq
 
 
+def test_enqueue_returns_the_stored_rows_with_their_seqs_and_listeners_hear_of_changes(db_path: Path) -> None:
+    heard: list[tuple[str, object]] = []
+
+    class Listener:
+        def rows_added(self, rows: list[OutboxRow]) -> None:
+            heard.append(("added", [(r.seq, r.message.msg_id) for r in rows]))
+
+        def rows_dropped(self, kinds: frozenset[MessageKind], up_to_seq: int) -> None:
+            heard.append(("dropped", (sorted(kinds), up_to_seq)))
+
+        def rows_expired(self, cutoff: float) -> None:
+            heard.append(("expired", cutoff))
+
+    with Outbox(db_path, OutboxLimits(max_bytes=1000, max_age_s=60)) as outbox:
+        outbox.add_listener(Listener())
+        first = outbox.enqueue(batch("d0", "c0", "c1", "d1"))
+        outbox.delete(row.seq for row in first)  # an emptied table must not give a seq out twice
+        second = outbox.enqueue(batch("c2", "d2", "c3", "e0", "d3"))
+        third = outbox.enqueue(batch("d4", "d5", "d6", "d7"))
+        old = message("d8", created_at=time.time() - 120)
+        third += outbox.enqueue([old, *batch("d9", "d10")])  # 1200 bytes: both crops go
+        assert outbox.expire() == 1
+
+        stored = {row.seq: row.message for row in all_rows(outbox)}
+        for row in second + third:
+            assert row.seq not in stored or stored[row.seq] == row.message
+        seqs = [row.seq for row in first + second + third]
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # consecutive, in batch order
+    assert [event for event, _ in heard] == ["added", "added", "added", "dropped", "added", "expired"]
+    assert heard[3][1] == (["crop"], second[2].seq)
+
+
+def test_peek_by_kind_and_acknowledge_rows_some_already_gone(db_path: Path) -> None:
+    with Outbox(db_path, OutboxLimits(max_bytes=1000)) as outbox:
+        rows = outbox.enqueue(batch("d0", "c0", "d1", "c1", "d2", "d3", "d4", "d5"))
+        by_id = {row.message.msg_id: row for row in rows}
+        assert [r.message.msg_id for r in outbox.peek(10, crops=True)] == ["c0", "c1"]
+        assert [r.message.msg_id for r in outbox.peek(3, crops=False)] == ["d0", "d1", "d2"]
+        assert [r.message.msg_id for r in outbox.peek(10, by_id["d0"].seq, before_seq=by_id["d2"].seq)] == [
+            "c0",
+            "d1",
+            "c1",
+        ]
+        outbox.acknowledge([by_id["d0"], by_id["d1"], by_id["d2"], by_id["d3"]])  # a run and singles
+        assert stored_ids(outbox) == ["c0", "c1", "d4", "d5"]
+        outbox.enqueue(batch(*(f"d{i}" for i in range(6, 14))))  # makes room: both crops go
+        assert stored_ids(outbox)[:2] == ["d4", "d5"]
+
+        outbox.acknowledge([by_id["c0"], by_id["c1"], by_id["d4"]])  # the crops were dropped meanwhile
+
+        assert stored_ids(outbox) == [f"d{i}" for i in range(5, 14)]
+        assert_totals_match_rows(outbox)
+
+
 def test_oldest_crops_are_dropped_first_then_detections_are_refused(db_path: Path) -> None:
     with Outbox(db_path, OutboxLimits(max_bytes=1000)) as outbox:
         outbox.enqueue(batch("c0", "c1", "d0", "d1", "d2", "d3", "d4", "d5"))

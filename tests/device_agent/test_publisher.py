@@ -241,3 +241,35 @@ def test_a_row_the_broker_refuses_for_good_is_dropped_and_does_not_block_the_fif
             agent.close()
         agents.clear()
         broker.kill()
+
+
+def test_rows_beyond_what_memory_keeps_are_read_back_in_fifo_order_once_each(
+    private_broker: MosquittoBroker,
+    tmp_path: Path,
+    agents: list[Agent],
+) -> None:
+    collector = Collector(private_broker, "t/memory/#")
+    path = tmp_path / "outbox.db"
+    backlog = [detection("t/memory/cam-1/detections") for _ in range(120)]
+    with Outbox(path) as earlier:  # left by a previous run: only in SQLite
+        earlier.enqueue(backlog)
+    private_broker.stop()
+    agent = Agent(private_broker, path, memory_rows=40)
+    agents.append(agent)
+    live: list[OutboxMessage] = []
+    for _ in range(60):  # during the outage, far more than the publisher keeps in memory
+        crop_id = new_msg_id()
+        crop = OutboxMessage(crop_id, "t/memory/cam-1/crops", crop_id.encode() + b" jpeg", MessageKind.CROP)
+        batch = [*(detection("t/memory/cam-1/detections") for _ in range(3)), crop]
+        agent.enqueue(batch)
+        live += batch
+    private_broker.start()
+
+    assert agent.publisher.flush(timeout=20), agent.publisher.counters()
+    sent = backlog + live
+    assert not collector.wait_for_ids({m.msg_id for m in sent}, timeout=10)
+    collector.session.disconnect()
+    order = [m.payload.split(b" ", 1)[0].decode() for m in collector.messages]
+    assert order == [m.msg_id for m in sent]  # FIFO, nothing twice
+    assert agent.publisher.counters().published == len(sent)
+    assert agent.outbox.stats().depth == 0

@@ -184,6 +184,9 @@ def test_outbox_stats_and_drops_come_from_a_real_outbox(tmp_path: Path) -> None:
     assert (report.outbox.depth, report.outbox.bytes) == (stats.depth, stats.bytes) == (4, 400)
     assert report.outbox.dropped == {"crops": 3, "detections": 0, "events": 0, "expired": 1}
     assert report.frames_dropped == 7
+    assert (report.outbox.crops_waiting, report.outbox.crops_held) == (2, False)
+    held = TelemetryCollector(DEVICE).snapshot(stats, frames_dropped=7, crops_held=True)
+    assert decode(TelemetryPayload, encode(held)).outbox.crops_held is True
 
 
 def test_a_drop_kind_that_is_no_payload_key_is_left_out() -> None:

@@ -1,0 +1,279 @@
+"""The durable outbox, side by side in one run: enqueue msgs/s, and the drain to Mosquitto versus raw paho.
+
+    .venv/bin/python benchmarks/outbox.py [--messages 20000] [--payload-bytes 400] [--window 100]
+        [--rounds 5] [--dir runs] [--full] [--stats-rows 10000 100000]
+
+1. Durable enqueue: msgs/s and per-call latency for batches of 1, 10 and 100 messages (each `enqueue` is one
+   committed transaction; WAL, synchronous=NORMAL, and FULL too with --full). The agent enqueues one batch
+   per published frame: its detection event plus the crops cut from that frame, so 1 to a few messages.
+   The databases live under --dir: put it on the device's real disk (tmpfs flatters the numbers).
+2. Drain to a private `mosquitto` on a free loopback port, the same detection-like messages (JSON payload,
+   content type property, QoS 1) and the same window of unacknowledged PUBLISHes, rounds alternating:
+   - raw paho: one MQTT 5 client is handed every message at once (paho queues them in memory), one shared
+     Properties object; the clock stops at the last PUBACK. No durability at all: the upper bound.
+   - backlog: the messages are already in the outbox (as after an outage or a restart); the clock runs from
+     `OutboxPublisher.start` until `flush` returns: every row read, published, acknowledged and deleted.
+   - live: the publisher runs while this thread enqueues batches of 10 (rows reach the publisher in memory);
+     the clock runs from the first enqueue until `flush` returns, so it includes the durable writes.
+   Reports msgs/s and this process's CPU µs per message, the medians and the ratios to raw paho (target:
+   drain >= 0.8 x raw paho). On a shared machine the rates swing from round to round: compare the medians,
+   and the CPU per message, which is steadier.
+3. `stats()` (running totals) against the aggregate query it replaces, on outboxes of --stats-rows rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from device_agent.outbox import MessageKind, Outbox, OutboxLimits, OutboxMessage
+from device_agent.publisher import OutboxPublisher
+from fleet_protocol.mqtt import MessageProperties, MqttSession, MqttSettings
+
+try:
+    from benchmarks._mosquitto import PrivateMosquitto
+except ModuleNotFoundError:  # run as a script: this folder is on sys.path
+    from _mosquitto import PrivateMosquitto  # type: ignore[no-redef]
+
+TOPIC = "edgefleet/v1/devices/bench-0001/detections"
+CONTENT_TYPE = "application/json"
+PROPERTIES = MessageProperties(content_type=CONTENT_TYPE)
+BATCH_SIZES = (1, 10, 100)
+LIVE_BATCH = 10
+
+
+def make_messages(count: int, payload_bytes: int, run: str) -> list[OutboxMessage]:
+    """Detection-like messages: a JSON object padded to `payload_bytes`, with the agent's properties."""
+    messages = []
+    for i in range(count):
+        msg_id = f"{run}-{i:09d}"
+        body = json.dumps({"schema": "edgefleet.detection/1", "msg_id": msg_id, "pad": ""})
+        pad = "x" * max(0, payload_bytes - len(body))
+        payload = json.dumps({"schema": "edgefleet.detection/1", "msg_id": msg_id, "pad": pad}).encode()
+        messages.append(
+            OutboxMessage(
+                msg_id=msg_id, topic=TOPIC, payload=payload, kind=MessageKind.DETECTION, properties=PROPERTIES
+            )
+        )
+    return messages
+
+
+# ---- 1. enqueue -------------------------------------------------------------------------------------------
+
+
+def bench_enqueue(folder: Path, batch: int, messages: int, payload_bytes: int, full: bool) -> list[str]:
+    """One row of the enqueue table: msgs/s and per-enqueue latency percentiles."""
+    items = make_messages(messages, payload_bytes, f"b{batch}")
+    outbox = Outbox(folder / f"enqueue-{batch}-{full}.db", synchronous="FULL" if full else "NORMAL")
+    latencies: list[float] = []
+    start = time.perf_counter()
+    for first in range(0, len(items), batch):
+        t0 = time.perf_counter()
+        outbox.enqueue(items[first : first + batch])
+        latencies.append(time.perf_counter() - t0)
+    elapsed = time.perf_counter() - start
+    if outbox.stats().depth != len(items):
+        raise RuntimeError("the enqueue benchmark lost messages")
+    outbox.close()
+    cuts = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else latencies * 99
+    return [
+        "FULL" if full else "NORMAL",
+        str(batch),
+        f"{len(items):,}",
+        f"{len(items) / elapsed:,.0f}",
+        f"{cuts[49] * 1e3:.3f}",
+        f"{cuts[98] * 1e3:.3f}",
+    ]
+
+
+# ---- 2. drain ---------------------------------------------------------------------------------------------
+
+
+def raw_paho_rate(broker: PrivateMosquitto, messages: list[OutboxMessage], window: int, run: str) -> Rate:
+    acked = 0
+    all_acked = threading.Event()
+
+    def on_publish(client: paho.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        nonlocal acked
+        acked += 1
+        if acked == len(messages):
+            all_acked.set()
+
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"raw-{run}", protocol=paho.MQTTv5)
+    client.max_inflight_messages_set(window)
+    client.on_publish = on_publish
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    while not client.is_connected():
+        time.sleep(0.01)
+    properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    properties.ContentType = CONTENT_TYPE
+    with Rate(len(messages)) as rate:
+        for message in messages:
+            client.publish(message.topic, message.payload, qos=1, properties=properties)
+        if not all_acked.wait(120):
+            raise TimeoutError(f"raw paho: only {acked} of {len(messages)} PUBACKs within 120 s")
+    client.disconnect()
+    client.loop_stop()
+    return rate
+
+
+def outbox_rate(
+    broker: PrivateMosquitto, messages: list[OutboxMessage], window: int, workdir: Path, run: str, live: bool
+) -> Rate:
+    outbox = Outbox(workdir / f"outbox-{run}.db", OutboxLimits(max_bytes=1 << 30))
+    if not live:
+        for first in range(0, len(messages), 500):
+            outbox.enqueue(messages[first : first + 500])
+    session = MqttSession(
+        MqttSettings(host=broker.host, port=broker.port, client_id=f"outbox-{run}", max_inflight=window)
+    )
+    publisher = OutboxPublisher(outbox, session, window=window)
+    session.connect()
+    if not session.wait_connected(10):
+        raise TimeoutError(f"no connection to {broker.host}:{broker.port}")
+    if live:
+        publisher.start()
+    with Rate(len(messages)) as rate:
+        if live:
+            for first in range(0, len(messages), LIVE_BATCH):
+                outbox.enqueue(messages[first : first + LIVE_BATCH])
+                publisher.notify()
+        else:
+            publisher.start()
+        if not publisher.flush(timeout=120):
+            raise TimeoutError(f"outbox not drained within 120 s: {publisher.counters()}")
+    publisher.stop()
+    session.disconnect()
+    depth = outbox.stats().depth
+    outbox.close()
+    if depth:
+        raise RuntimeError(f"the outbox still holds {depth} rows after flush")
+    return rate
+
+
+class Rate:
+    """Times a block: messages per second of wall time, and this process's CPU µs per message."""
+
+    def __init__(self, messages: int) -> None:
+        self.messages = messages
+        self.per_s = self.cpu_us = 0.0
+
+    def __enter__(self) -> Rate:
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.per_s = self.messages / (time.perf_counter() - self._wall)
+        self.cpu_us = (time.process_time() - self._cpu) * 1e6 / self.messages
+
+
+def bench_drain(args: argparse.Namespace, workdir: Path) -> None:
+    runs: dict[str, list[Rate]] = {"raw paho": [], "backlog": [], "live": []}
+    print(
+        f"\ndrain: {args.messages:,} messages of {args.payload_bytes} B, QoS 1, window {args.window}; "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+    )
+    header = "".join(f"{name + ' msg/s':>17}{'cpu µs/msg':>11}" for name in runs)
+    print(f"{'round':>5}{header}")
+    with PrivateMosquitto(workdir / "mosquitto") as broker:
+        for round_index in range(args.rounds):
+            run = f"r{round_index}"
+            messages = make_messages(args.messages, args.payload_bytes, run)
+            runs["raw paho"].append(raw_paho_rate(broker, messages, args.window, run))
+            runs["backlog"].append(outbox_rate(broker, messages, args.window, workdir, run + "b", False))
+            runs["live"].append(outbox_rate(broker, messages, args.window, workdir, run + "l", True))
+            cells = "".join(f"{r[-1].per_s:>17,.0f}{r[-1].cpu_us:>11.0f}" for r in runs.values())
+            print(f"{round_index + 1:>5}{cells}")
+    medians = {name: statistics.median(r.per_s for r in rates) for name, rates in runs.items()}
+    cpu = {name: statistics.median(r.cpu_us for r in rates) for name, rates in runs.items()}
+    raw = medians["raw paho"]
+    cells = "".join(f"{medians[name]:>17,.0f}{cpu[name]:>11.0f}" for name in runs)
+    print(f"{'med.':>5}{cells}")
+    print(
+        f"drain (backlog) / raw paho: {medians['backlog'] / raw:.2f} (target >= 0.8); "
+        f"live enqueue+drain / raw paho: {medians['live'] / raw:.2f}; "
+        f"CPU per message, raw / backlog: {cpu['raw paho'] / cpu['backlog']:.2f}"
+    )
+
+
+# ---- 3. stats() -------------------------------------------------------------------------------------------
+
+
+def bench_stats(folder: Path, rows: int, payload_bytes: int) -> list[str]:
+    """`stats()` against `SELECT count(*), sum(size)` on an outbox holding `rows` messages."""
+    outbox = Outbox(folder / f"stats-{rows}.db", OutboxLimits(max_bytes=rows * payload_bytes * 2))
+    items = make_messages(rows, payload_bytes, "s")
+    for first in range(0, rows, 1000):
+        outbox.enqueue(items[first : first + 1000])
+    stats_ms = timed_ms(outbox.stats)
+    conn = sqlite3.connect(outbox.path)
+    aggregate_ms = timed_ms(lambda: conn.execute("SELECT count(*), sum(size) FROM outbox").fetchone())
+    conn.close()
+    outbox.close()
+    return [f"{rows:,}", f"{stats_ms:.3f}", f"{aggregate_ms:.3f}"]
+
+
+def timed_ms(call: Callable[[], object], repeat: int = 20) -> float:
+    call()  # warm the page cache
+    start = time.perf_counter()
+    for _ in range(repeat):
+        call()
+    return (time.perf_counter() - start) / repeat * 1e3
+
+
+def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
+    print(f"\n{title}")
+    for line in (header, ["-" * w for w in widths], *rows):
+        print("  ".join(cell.rjust(w) for cell, w in zip(line, widths, strict=True)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--messages", type=int, default=20_000, help="messages per measurement")
+    parser.add_argument("--payload-bytes", type=int, default=400)
+    parser.add_argument("--window", type=int, default=100, help="PUBLISHes awaiting PUBACK (the agent's)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--dir", type=Path, default=Path("runs"), help="where the temporary databases go")
+    parser.add_argument("--full", action="store_true", help="also enqueue with synchronous=FULL")
+    parser.add_argument("--stats-rows", type=int, nargs="*", default=[10_000, 100_000])
+    args = parser.parse_args()
+    args.dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=args.dir, prefix="outbox-bench-") as tmp:
+        folder = Path(tmp)
+        print(f"outbox benchmark: {args.payload_bytes}-byte payloads, databases in {folder}")
+        rows = [
+            bench_enqueue(folder, batch, args.messages, args.payload_bytes, full)
+            for full in ((False, True) if args.full else (False,))
+            for batch in BATCH_SIZES
+        ]
+        print_table(
+            "durable enqueue (target >= 20,000 msgs/s; the agent: one batch per published frame)",
+            ["sync", "batch", "msgs", "msgs/s", "p50 ms", "p99 ms"],
+            rows,
+        )
+        bench_drain(args, folder)
+        if args.stats_rows:
+            stats_rows = [bench_stats(folder, n, args.payload_bytes) for n in args.stats_rows]
+            print_table("stats() vs aggregate", ["rows", "stats() ms", "count+sum ms"], stats_rows)
+
+
+if __name__ == "__main__":
+    main()
