@@ -297,7 +297,8 @@ def test_bad_crops_are_counted_drops_and_never_crash_a_refiner(fleet: Fleet) -> 
     while time.monotonic() < deadline and any(fleet.dropped(r) < before[r] + 1 for r in reasons):
         time.sleep(0.2)
     counted = {reason: fleet.dropped(reason) - before[reason] for reason in reasons}
-    assert counted == dict.fromkeys(reasons, 1.0), counted
+    # At least once: a bad crop redelivered after a reconnect (the 50 MB one may cause it) counts again.
+    assert all(counted[reason] >= 1 for reason in reasons), counted
     assert not fleet.answers(bad), "a bad crop got an answer"
     assert all(refiner.alive for refiner in fleet.refiners.values())
 
