@@ -9,6 +9,7 @@ caller decides when to retry. The bearer token is never sent on to a redirect ta
 
 from __future__ import annotations
 
+import functools
 import http.client
 import re
 import ssl
@@ -90,7 +91,7 @@ def _open(request: DownloadRequest, have: int) -> http.client.HTTPResponse:
     if request.token:
         # Unredirected: a redirect (e.g. to an object store's signed URL) must not carry the device's token.
         http_request.add_unredirected_header("Authorization", f"Bearer {request.token}")
-    context = ssl.create_default_context(cafile=str(request.ca_file) if request.ca_file else None)
+    context = _tls_context(request.ca_file)
     try:
         response = urllib.request.urlopen(http_request, timeout=request.timeout_s, context=context)
     except urllib.error.HTTPError as error:
@@ -172,6 +173,23 @@ def _copy(
                 progress(position, request.size)
         out.flush()
     return received
+
+
+def _tls_context(ca_file: Path | None) -> ssl.SSLContext:
+    """The TLS context for `ca_file` (None: the system's CAs), made once per file version."""
+    if ca_file is None:
+        return _context_for(None, 0)
+    try:
+        version = ca_file.stat().st_mtime_ns
+    except OSError:
+        version = -1  # let ssl raise its own error about the file
+    return _context_for(str(ca_file), version)
+
+
+@functools.lru_cache(maxsize=8)
+def _context_for(ca_file: str | None, version: int) -> ssl.SSLContext:
+    # Loading a trust store takes tens of ms; a context is safe to share between connections and threads.
+    return ssl.create_default_context(cafile=ca_file)
 
 
 def _host(url: str) -> str:

@@ -108,6 +108,7 @@ class OtaManager:
         device_id: str,
         on_model_changed: Callable[[], None] = lambda: None,
         fetch: Fetcher = download,
+        smoke_test: bool = True,
     ) -> None:
         self.config = config
         self.store = store
@@ -119,6 +120,8 @@ class OtaManager:
         self._report_sink = report
         self._on_model_changed = on_model_changed
         self._fetch = fetch
+        # False only for the fleet simulator (device_agent.sim), whose devices share one loaded model.
+        self._smoke = smoke_test
         self._record = OtaRecord()
         self._record_lock = threading.RLock()
         self._slot: ModelSlot | None = None
@@ -497,6 +500,9 @@ class OtaManager:
         except (ModelLoadError, ValueError) as error:
             raise UpdateFailedError(f"staging: the model does not load: {error}") from None
         loaded = time.perf_counter()
+        if not self._smoke:
+            log.info("OTA: staged %s@%s (smoke test skipped)", desired.name, desired.version)
+            return active
         self._smoke_test(active.detector)
         log.info(
             "OTA: staged %s@%s: session %.0f ms, smoke test %.0f ms",

@@ -436,14 +436,14 @@ class Ingestor:
             return
         column = getattr(model, key)
         existing: set[str] = set()
-        keys = list(rows)
+        keys = list(rows) if kind is not None else []  # uncounted rows: ON CONFLICT alone drops duplicates
         for start in range(0, len(keys), 500):
             chunk = keys[start : start + 500]
             existing.update(session.execute(select(column).where(column.in_(chunk))).scalars())
         fresh = [row for k, row in rows.items() if k not in existing]
         if fresh:
             # ON CONFLICT DO NOTHING still guards against a concurrent writer inserting the same key.
-            session.execute(self.db.insert_ignore(model.__table__, [key]), fresh)
+            self.db.insert_ignore_many(session, model.__table__, [key], fresh)
         if kind is not None:
             if fresh:
                 stored[kind] += len(fresh)

@@ -73,11 +73,27 @@ def _missing_extra_command(entry_point: EntryPoint, error: ImportError) -> Any:
     return command
 
 
+def _broken_command(entry_point: EntryPoint, error: Exception) -> Any:
+    def command() -> None:
+        typer.echo(
+            f"'edgefleet {entry_point.name}' failed to load from {entry_point.value}: "
+            f"{type(error).__name__}: {error}. Reinstall edgefleet (pip install -e . or the wheel).",
+            err=True,
+        )
+        raise typer.Exit(2)
+
+    command.__doc__ = "(failed to load: run it to see why)"
+    return command
+
+
 def _register(entry_point: EntryPoint) -> None:
     try:
         target = entry_point.load()
     except ImportError as error:
         app.command(name=entry_point.name)(_missing_extra_command(entry_point, error))
+        return
+    except Exception as error:  # one broken component must not take the whole CLI down with it
+        app.command(name=entry_point.name)(_broken_command(entry_point, error))
         return
     if isinstance(target, typer.Typer):
         app.add_typer(target, name=entry_point.name)
