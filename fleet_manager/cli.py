@@ -73,13 +73,21 @@ def _actor() -> str:
 def _errors() -> Iterator[None]:
     from sqlalchemy.exc import OperationalError
 
+    from fleet_manager.db import UnsupportedDatabaseError
     from fleet_manager.provisioning import ProvisioningError
     from fleet_manager.registry import RegistryUnavailableError
     from fleet_manager.rollouts import RolloutError
 
     try:
         yield
-    except (CliError, ConfigError, ProvisioningError, RolloutError, RegistryUnavailableError) as error:
+    except (
+        CliError,
+        ConfigError,
+        ProvisioningError,
+        RolloutError,
+        RegistryUnavailableError,
+        UnsupportedDatabaseError,
+    ) as error:
         stderr.print(f"[red]error:[/red] {error}", markup=True, highlight=False)
         raise typer.Exit(2) from None
     except OperationalError as error:

@@ -28,6 +28,10 @@ _BEGIN_OPTION = "edgefleet_sqlite_begin"
 SQLITE_BUSY_TIMEOUT_S = 30.0
 
 
+class UnsupportedDatabaseError(ValueError):
+    """The database URL names a database the fleet manager does not run on."""
+
+
 class Database:
     """Engines and session factories for one database URL."""
 
@@ -52,7 +56,7 @@ class Database:
             self.engine = create_engine(url, pool_size=pool_size, max_overflow=20, pool_pre_ping=True)
             self.write_engine = self.engine
         else:
-            raise ValueError(
+            raise UnsupportedDatabaseError(
                 f"unsupported database {parsed.drivername!r}: use sqlite:/// or postgresql+psycopg://"
             )
         self._read = sessionmaker(self.engine, expire_on_commit=False)

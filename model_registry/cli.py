@@ -102,6 +102,8 @@ def _actor(actor: str | None) -> str:
 
 def _run(action: Any) -> Any:
     """Run `action()`, turning the registry's errors into messages and exit codes."""
+    from mlflow.exceptions import MlflowException
+
     from device_agent.dataset import DatasetError
     from fleet_protocol.signing import SigningError
     from model_registry.optimize import OptimizeError
@@ -121,6 +123,11 @@ def _run(action: Any) -> Any:
         OptimizeError,
     ) as error:
         _fail(str(error))
+    except MlflowException as error:
+        _fail(
+            f"MLflow refused or could not be reached: {error.message} — check mlflow_uri "
+            "(EDGEFLEET_REGISTRY_MLFLOW_URI) and that the tracking server is up"
+        )
 
 
 def _split_ref(ref: str, version: str | None) -> tuple[str, str | None, str | None]:

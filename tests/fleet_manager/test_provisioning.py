@@ -336,3 +336,16 @@ def test_cli_provision_tokens_rollouts(
     code, _, err = run("devices")
     assert code == 2
     assert "api.port" in err
+
+
+def test_cli_names_an_unsupported_database_url(tmp_path: Path) -> None:
+    env = {
+        "EDGEFLEET_FLEET_DATA_DIR": str(tmp_path / "fleet"),
+        "EDGEFLEET_FLEET_DATABASE_URL": "mysql://fleet@db.example.com/fleet",
+    }
+
+    result = CliRunner().invoke(fleet_app, ["devices"], env=env)
+
+    assert result.exit_code == 2
+    assert "unsupported database 'mysql'" in result.stderr
+    assert result.exception is None or isinstance(result.exception, SystemExit)

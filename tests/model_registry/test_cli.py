@@ -159,3 +159,17 @@ def test_optimize_shows_all_four_variants_and_registers_the_pick(
     assert picked.tags["eval_images"] == "4"
     assert picked.signature
     assert [v.version for v in registry.list_versions(name)] == ["1"]
+
+
+def test_an_unreachable_tracking_server_is_an_error_message_not_a_traceback(tmp_path: Path) -> None:
+    env = {
+        "EDGEFLEET_REGISTRY_DATA_DIR": str(tmp_path / "data"),
+        "EDGEFLEET_REGISTRY_MLFLOW_URI": "http://127.0.0.1:9",  # the discard port: nothing listens
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    }
+
+    result = invoke(env, "list")
+
+    assert result.exit_code == 2
+    assert "EDGEFLEET_REGISTRY_MLFLOW_URI" in result.stderr
+    assert "Traceback" not in result.output
