@@ -11,7 +11,9 @@
      fps cap (every frame processed, decoding alongside as in the daemon) and its publisher draining to a
      private `mosquitto`.
    Per round of --frames of each: pipeline fps (frames / time spent on them) / (1000 / median bare ms);
-   overall, the median of the rounds (target >= 0.95).
+   overall, the median of the rounds (target >= 0.95). Per round too, where a pipeline frame's time went:
+   the medians of its session.run (`infer`), decode and NMS (`post`) and everything else (`rest`: tracking,
+   policies, crops, the durable outbox, telemetry, and the letterbox).
 2. `edgefleet agent run --config ...` as a process of its own against the same broker (local API on, all
    its threads): its resident memory sampled with psutil while it detects (target <= 300 MB), and the fps
    its telemetry reports (not interleaved with bare runs: compare it with care).
@@ -20,6 +22,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import statistics
 import subprocess
@@ -77,10 +80,17 @@ def interleaved(agent: Agent, rounds: int, frames: int) -> tuple[float, float]:
     for _ in range(3):  # warm-up: the first runs allocate onnxruntime's buffers
         session.run(None, inputs)
         agent._process(first)
-    bare_rounds, ratios = [], []
-    print(f"{'round':>5} {'bare ms':>8} {'bare runs/s':>11} {'pipeline fps':>12} {'ratio':>6}")
+    bare_rounds: list[float] = []
+    ratios: list[float] = []
+    print(
+        f"{'round':>5} {'bare ms':>8} {'bare runs/s':>11} {'pipeline fps':>12}"
+        f" {'ratio':>6} {'infer ms':>8} {'post ms':>7} {'rest ms':>7}"
+    )
     for round_index in range(rounds):
         times, pipeline_s = [], 0.0
+        infer: list[float] = []
+        post: list[float] = []
+        rest: list[float] = []
         for _ in range(frames):
             start = time.perf_counter()
             session.run(None, inputs)
@@ -90,12 +100,22 @@ def interleaved(agent: Agent, rounds: int, frames: int) -> tuple[float, float]:
             if frame is None:
                 raise SystemExit("the video source stopped")
             agent._process(frame)
-            pipeline_s += time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            pipeline_s += elapsed
+            result = agent.pipeline.last_result
+            if result is not None:
+                infer.append(result.timing.infer_ms)
+                post.append(result.timing.post_ms)
+                rest.append(elapsed * 1e3 - result.timing.infer_ms - result.timing.post_ms)
         bare = statistics.median(times)
         fps = frames / pipeline_s
         bare_rounds.append(bare)
         ratios.append(fps * bare / 1000)
-        print(f"{round_index + 1:>5} {bare:>8.2f} {1000 / bare:>11.2f} {fps:>12.2f} {ratios[-1]:>6.3f}")
+        print(
+            f"{round_index + 1:>5} {bare:>8.2f} {1000 / bare:>11.2f} {fps:>12.2f} {ratios[-1]:>6.3f} "
+            f"{statistics.median(infer):>8.2f} {statistics.median(post):>7.2f} "
+            f"{statistics.median(rest):>7.2f}"
+        )
     return statistics.median(bare_rounds), statistics.median(ratios)
 
 
@@ -184,7 +204,10 @@ def main() -> None:
         PrivateMosquitto(Path(tmp) / "mosquitto") as broker,
     ):
         workdir = Path(tmp)
-        print(f"model {model.name}, video {args.video.name}, {args.rounds} rounds of {args.frames} frames")
+        print(
+            f"model {model.name}, video {args.video.name}, {args.rounds} rounds of {args.frames} frames; "
+            f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+        )
         config = agent_config(model, args.video, workdir / "in-process", broker, api=False)
         bare = pipeline_against_bare(config, args.rounds, args.frames)
         config = agent_config(model, args.video, workdir / "process", broker, api=True)

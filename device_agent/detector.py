@@ -232,17 +232,21 @@ class Detector:
         if (new_w, new_h) != (width, height):
             image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
         top, left = round(pad_y - 0.1), round(pad_x - 0.1)
-        bottom, right = target_h - new_h - top, target_w - new_w - left
-        if top or bottom or left or right:
-            image = cv2.copyMakeBorder(
-                image, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(PAD_VALUE, PAD_VALUE, PAD_VALUE)
-            )
         # Split into contiguous planes, then scale each straight into its RGB slot of the NCHW tensor:
-        # ~10x faster than cv2.dnn.blobFromImage on 640x640, and 2x faster than one strided multiply.
-        tensor = np.empty((1, 3, target_h, target_w), dtype=self._input_dtype)
+        # ~10x faster than cv2.dnn.blobFromImage on 640x640, and 2x faster than one strided multiply. Only
+        # the borders are filled with the pad value: no padded copy of the image is made.
+        dtype = self._input_dtype
+        tensor = np.empty((1, 3, target_h, target_w), dtype=dtype)
+        planes = tensor[0]
+        pad = np.multiply(np.uint8(PAD_VALUE), _INV_255, dtype=dtype)
+        planes[:, :top] = pad
+        planes[:, top + new_h :] = pad
+        planes[:, top : top + new_h, :left] = pad
+        planes[:, top : top + new_h, left + new_w :] = pad
         blue, green, red = cv2.split(image)
         for channel, plane in enumerate((red, green, blue)):
-            np.multiply(plane, _INV_255, out=tensor[0, channel], dtype=self._input_dtype)
+            inside = planes[channel, top : top + new_h, left : left + new_w]
+            np.multiply(plane, _INV_255, out=inside, dtype=dtype)
         return tensor, Letterbox(scale, float(left), float(top), width, height)
 
     def infer(self, tensor: npt.NDArray[Any]) -> npt.NDArray[np.float32]:

@@ -21,6 +21,12 @@ its connection runs an automatic checkpoint, which fsyncs the database file); a 
 behind the others. The two writers (`enqueue`, `delete`) are serialised by SQLite itself: each write starts
 with `BEGIN IMMEDIATE`, which takes the write lock up front and waits up to the busy timeout, instead of
 failing at once with SQLITE_BUSY when a read transaction tries to upgrade to a write.
+
+Files on disk: the database file and its `-wal` file are bounded as `OutboxLimits` states: the WAL is
+checkpointed (and truncated) at a size scaled to `max_bytes`, and pages freed by deletes and drops are reused
+before the file grows. Each `enqueue` writes as few pages as it can (one row in the table, one entry in the
+`created_at` index, crops one more in the crop index, and one totals page), since at one message per
+transaction the WAL bytes written per commit, not Python, set the pace.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import math
+import re
 import sqlite3
 import sys
 import threading
@@ -53,10 +61,22 @@ else:  # pragma: no cover - Python 3.10 (a supported device runtime) has no StrE
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 10_000
-# Keeps the WAL file from staying large after a burst; it is truncated to this size after a checkpoint.
-WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
+# The WAL is checkpointed once it holds max_bytes / WAL_FRACTION, within these bounds, and truncated back to
+# that size after it grew past it (a batch larger than that must fit in the WAL whole).
+# Small pages pack the outbox densely: a message larger than a page keeps a few bytes in its B-tree leaf and
+# the rest in overflow pages that it fills, so at most part of one page per message is slack (4 KiB pages
+# leave up to half the file empty for messages just over 2 KiB, and for detections left behind when the
+# crops between them are dropped). A commit also writes 8x fewer WAL bytes per page it changes.
+PAGE_SIZE = 512
+# On disk beyond the payload: per message at most (metadata, index entries, slack), and in all (schema).
+MESSAGE_OVERHEAD_BYTES = 1536
+FIXED_OVERHEAD_BYTES = 16 * 1024
+WAL_FRAME_HEADER = 24
+MIN_WAL_BYTES = 32 * 1024
+MAX_WAL_BYTES = 4 * 1024 * 1024
+WAL_FRACTION = 16
 # SQLite's default limit on host parameters in one statement is 999 before 3.32.
 DELETE_CHUNK = 500
 FULL_WARNING_INTERVAL_S = 60.0
@@ -133,9 +153,42 @@ class OutboxRow:
 
 @dataclass(frozen=True, slots=True)
 class OutboxLimits:
+    """How much the outbox keeps: `max_bytes` of payload, each message at most `max_age_s`.
+
+    On disk, the database file and its WAL together stay within `disk_bound(B, n)`:
+
+        max_bytes + 1.05 x (B + wal_bytes) + 1.5 KiB x n + 16 KiB
+
+    B: the payload bytes of the largest batch enqueued; n: the most messages stored at once plus those of
+    that batch. Where it comes from (new files, 512-byte pages, see PAGE_SIZE):
+    - the database file holds the payloads, at most `max_bytes` after each commit (drops happen before the
+      insert, in the same transaction, and the insert reuses the pages they free, so the file never grows
+      past what one commit leaves), and per message its metadata (msg_id, topic, MQTT properties: ~100 B
+      for a detection, ~600 B for a crop with its user properties), index entries and at most the unused
+      part of one page and of its last overflow page: 1.5 KiB is the worst case, 200-850 B is typical;
+      16 KiB covers the schema pages and B-tree interior pages;
+    - the WAL is checkpointed once it holds `wal_bytes` (max_bytes / 16, within 32 KiB and 4 MiB) and
+      truncated back to that size at its next restart, so it holds at most `wal_bytes` plus the pages of
+      the transaction that crossed it; 1.05: each 512-byte page carries a 24-byte frame header in the WAL.
+    This assumes checkpoints complete, i.e. no reader keeps a snapshot for long (the outbox's own reads are
+    short; a program holding a read transaction open on the file lets the WAL grow until it ends). A file
+    created with 4 KiB pages (schema 1) may take up to twice its payload for messages just over 2 KiB.
+    """
+
     max_bytes: int = 256 * 1024 * 1024  # payload bytes kept
     max_age_s: float = 7 * 24 * 3600
     drop_detections_when_full: bool = False  # only if configured (ARCHITECTURE.md, delivery guarantees)
+
+    @property
+    def wal_bytes(self) -> int:
+        """The WAL size at which it is checkpointed, and to which it is truncated after growing past it."""
+        return min(MAX_WAL_BYTES, max(MIN_WAL_BYTES, self.max_bytes // WAL_FRACTION))
+
+    def disk_bound(self, batch_bytes: int, messages: int) -> int:
+        """The most bytes the database file and its WAL take together (see the class doc): `batch_bytes`,
+        the payload of the largest batch; `messages`, the most stored at once plus those of that batch."""
+        wal = math.ceil((batch_bytes + self.wal_bytes) * (1 + WAL_FRAME_HEADER / PAGE_SIZE))
+        return self.max_bytes + wal + MESSAGE_OVERHEAD_BYTES * messages + FIXED_OVERHEAD_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,42 +236,50 @@ class OutboxFileError(RuntimeError):
 
 
 _SCHEMA = (
-    # AUTOINCREMENT: a seq is never reused, even after every row was deleted (the publisher pages by seq).
+    # The small columns first: reading kind, size or created_at never walks a large payload's overflow pages.
+    # No AUTOINCREMENT (its sqlite_sequence row costs a page per commit): `totals.last_seq` keeps the highest
+    # seq given out, so a seq is never reused, even after every row was deleted (the publisher pages by seq).
     """CREATE TABLE outbox (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        msg_id TEXT NOT NULL,
-        topic TEXT NOT NULL,
-        payload BLOB NOT NULL,
+        seq INTEGER PRIMARY KEY,
         kind TEXT NOT NULL,
         qos INTEGER NOT NULL,
-        properties TEXT NOT NULL,
         created_at REAL NOT NULL,
-        size INTEGER NOT NULL
+        size INTEGER NOT NULL,
+        msg_id TEXT NOT NULL,
+        topic TEXT NOT NULL,
+        properties TEXT NOT NULL,
+        payload BLOB NOT NULL
     )""",
-    "CREATE INDEX outbox_kind_seq ON outbox (kind, seq)",
+    # Only crops are indexed by kind: a detection's commit does not touch this index. The queries that use
+    # it spell `kind = 'crop'` out (a bound parameter would not let SQLite pick a partial index).
+    "CREATE INDEX outbox_crops ON outbox (seq) WHERE kind = 'crop'",
     "CREATE INDEX outbox_created_at ON outbox (created_at)",
     # Running totals per kind, updated in the very transaction that changes `outbox`, so `stats()` and the
     # cap check are O(1): count(*)/sum(size) scan every row (see benchmarks/outbox.py). Updated by
-    # the code, not by per-row triggers, which cost ~20% of enqueue throughput.
-    "CREATE TABLE totals (kind TEXT PRIMARY KEY, depth INTEGER NOT NULL, bytes INTEGER NOT NULL)",
-    "INSERT INTO totals VALUES ('crop', 0, 0), ('detection', 0, 0), ('event', 0, 0)",
+    # the code, not by per-row triggers, which cost ~20% of enqueue throughput. One page, written once per
+    # commit together with the highest seq.
+    """CREATE TABLE totals (
+        kind TEXT PRIMARY KEY,
+        depth INTEGER NOT NULL,
+        bytes INTEGER NOT NULL,
+        last_seq INTEGER NOT NULL
+    )""",
+    "INSERT INTO totals VALUES ('crop', 0, 0, 0), ('detection', 0, 0, 0), ('event', 0, 0, 0)",
     "CREATE TABLE dropped (reason TEXT PRIMARY KEY, count INTEGER NOT NULL)",
     "INSERT INTO dropped VALUES ('crop', 0), ('detection', 0), ('event', 0), ('expired', 0)",
 )
+_V1_COLUMNS = ("seq", "msg_id", "topic", "payload", "kind", "qos", "properties", "created_at", "size")
+_COLUMNS = "seq, kind, qos, created_at, size, msg_id, topic, properties, payload"
 
-_INSERT = (
-    "INSERT INTO outbox (seq, msg_id, topic, payload, kind, qos, properties, created_at, size)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
-# The stored bytes by kind, and (as kind '') the highest seq ever used: sqlite_sequence, or a higher row if
-# one was inserted by hand. Read in the enqueue transaction, which holds the write lock: the batch takes the
-# next seqs explicitly, so the outbox knows them without reading the rows back.
-_TOTALS_AND_LAST_SEQ = (
-    "SELECT kind, bytes FROM totals UNION ALL SELECT '', max("
-    "coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'outbox'), 0),"
-    " coalesce((SELECT max(seq) FROM outbox), 0))"
+_INSERT = f"INSERT INTO outbox ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_TOTALS = "SELECT kind, bytes, last_seq FROM totals"
+_ADD_TO_TOTALS = (
+    "UPDATE totals SET depth = depth + ?, bytes = bytes + ?, last_seq = max(last_seq, ?) WHERE kind = ?"
 )
 _SELECT = "SELECT seq, msg_id, topic, payload, kind, qos, properties, created_at FROM outbox"
+_CROP = MessageKind.CROP.value
+_KIND_IS_CROP = f"kind = '{_CROP}'"
+_VALID_REASON = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 
 class Outbox:
@@ -272,16 +333,18 @@ class Outbox:
             return []
         conn = self._conn()
         drops: list[tuple[frozenset[MessageKind], int]] = []
-        with self._guard(), _write_transaction(conn):
-            kept, refused, last_seq = self._make_room(conn, messages, drops)
-            rows = [OutboxRow(last_seq + i, m) for i, m in enumerate(kept, start=1)]
-            conn.executemany(_INSERT, [_row_values(row) for row in rows])
-            if len(kept) == len(messages) and len({m.kind for m in kept}) == 1:
-                _add_to_totals(conn, kept[0].kind.value, len(kept), sum(len(m.payload) for m in kept))
-            else:
-                for kind in {m.kind for m in kept}:
-                    of_kind = [len(m.payload) for m in kept if m.kind is kind]
-                    _add_to_totals(conn, kind.value, len(of_kind), sum(of_kind))
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                rows, refused = self._store(conn, messages, drops)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL, corruption)
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.DatabaseError as exc:
+            self._raise_file_error(exc)
+            raise
         for listener in self._listeners:
             try:
                 for kinds, up_to_seq in drops:
@@ -290,8 +353,9 @@ class Outbox:
                     listener.rows_added(rows)
             except Exception:
                 log.exception("outbox listener %r failed", listener)
-        if refused:
-            self._warn_full(f"refused {len(refused)} new message(s) of a batch")
+        if not refused:
+            return rows
+        self._warn_full(f"refused {len(refused)} new message(s) of a batch")
         rejected = [m for m in refused if m.kind is not MessageKind.CROP]
         if rejected and not self.limits.drop_detections_when_full:
             raise OutboxFullError(
@@ -318,9 +382,8 @@ class Outbox:
             where += " AND seq < ?"
             parameters.append(before_seq)
         if crops is not None:
-            # Crops: walk the (kind, seq) index. The rest: `+kind` keeps SQLite on the rowid (seq) order.
-            where += " AND kind = ?" if crops else " AND +kind != ?"
-            parameters.append(MessageKind.CROP.value)
+            # Crops: walk the partial crop index. The rest: the table in rowid (seq) order.
+            where += f" AND {_KIND_IS_CROP}" if crops else f" AND kind != '{_CROP}'"
         conn = self._conn()
         with self._guard():
             rows = conn.execute(
@@ -393,6 +456,20 @@ class Outbox:
             )
         return count
 
+    def count_dropped(self, reason: str, count: int = 1) -> None:
+        """Count messages dropped before they reached the outbox (e.g. "crop_too_large"), beside its own
+        drop counters: `stats().dropped` and telemetry report them, after a restart too."""
+        if not _VALID_REASON.fullmatch(reason):
+            raise ValueError(f"a drop reason is 1-64 of [a-z0-9_], starting with a letter; got {reason!r}")
+        if count < 0:
+            raise ValueError(f"a drop count cannot be negative, got {count}")
+        if count == 0:
+            return
+        conn = self._conn()
+        with self._guard(), _write_transaction(conn):
+            conn.execute("INSERT OR IGNORE INTO dropped VALUES (?, 0)", (reason,))
+            _count_drops(conn, reason, count)
+
     def stats(self) -> OutboxStats:
         """Depth, payload bytes, age of the oldest message and drop counters (O(1): running totals)."""
         conn = self._conn()
@@ -430,29 +507,67 @@ class Outbox:
 
     # ---- internals ----------------------------------------------------------------------------------------
 
-    def _make_room(
+    def _store(
         self,
         conn: sqlite3.Connection,
         messages: Sequence[OutboxMessage],
         drops: list[tuple[frozenset[MessageKind], int]],
-    ) -> tuple[list[OutboxMessage], list[OutboxMessage], int]:
-        """Refuse what cannot fit, then drop the stored rows the rest needs: (kept, refused, last seq)."""
-        stored = {kind: size for kind, size in conn.execute(_TOTALS_AND_LAST_SEQ)}
-        last_seq = int(stored.pop(""))
-        crops = stored[MessageKind.CROP.value]
-        others = sum(stored[kind] for kind in KEPT_KINDS)
+    ) -> tuple[list[OutboxRow], list[OutboxMessage]]:
+        """In the write transaction: make room, insert, update the totals; (rows stored, messages refused).
+
+        The usual case (the batch fits) runs four statements: read the totals page, insert, update it, and
+        the caller's BEGIN/COMMIT; everything else is kept off that path.
+        """
+        stored = conn.execute(_TOTALS).fetchall()
+        last_seq = max(row[2] for row in stored)
+        used = sum(row[1] for row in stored)
+        if len(messages) == 1:
+            message = messages[0]
+            size = len(message.payload)
+            if size <= self.limits.max_bytes - used:
+                seq = last_seq + 1
+                conn.execute(_INSERT, _row_values(seq, message))
+                conn.execute(_ADD_TO_TOTALS, (1, size, seq, message.kind.value))
+                return [OutboxRow(seq, message)], []
+        kept, refused = self._make_room(conn, messages, stored, drops)
+        rows = [OutboxRow(seq, m) for seq, m in enumerate(kept, start=last_seq + 1)]
+        if not rows:
+            return rows, refused
+        conn.executemany(_INSERT, [_row_values(row.seq, row.message) for row in rows])
+        kinds = {m.kind for m in kept}
+        if len(kinds) == 1:
+            size = sum(len(m.payload) for m in kept)
+            conn.execute(_ADD_TO_TOTALS, (len(kept), size, rows[-1].seq, kept[0].kind.value))
+        else:
+            for kind in kinds:
+                of_kind = [row for row in rows if row.message.kind is kind]
+                size = sum(len(row.message.payload) for row in of_kind)
+                conn.execute(_ADD_TO_TOTALS, (len(of_kind), size, of_kind[-1].seq, kind.value))
+        return rows, refused
+
+    def _make_room(
+        self,
+        conn: sqlite3.Connection,
+        messages: Sequence[OutboxMessage],
+        stored: list[tuple[str, int, int]],
+        drops: list[tuple[frozenset[MessageKind], int]],
+    ) -> tuple[list[OutboxMessage], list[OutboxMessage]]:
+        """Refuse what cannot fit, then drop the stored rows the rest needs: (kept, refused)."""
+        stored_bytes = {kind: size for kind, size, _ in stored}
+        crops = stored_bytes.get(_CROP, 0)
+        others = sum(stored_bytes.get(kind, 0) for kind in KEPT_KINDS)
         free = self.limits.max_bytes - crops - others
         allowed = self.limits.drop_detections_when_full
         refused = _choose_refused(messages, free + crops, others if allowed else 0, allowed)
         kept = [m for i, m in enumerate(messages) if i not in refused] if refused else list(messages)
         needed = sum(len(m.payload) for m in kept) - free
         if needed > 0:
-            needed -= self._drop_oldest(conn, (MessageKind.CROP.value,), needed, drops)
+            needed -= self._drop_oldest(conn, (_CROP,), needed, drops)
         if needed > 0:  # only reachable when dropping detections is allowed (see _choose_refused)
             self._drop_oldest(conn, KEPT_KINDS, needed, drops)
         for i in refused:
             _count_drops(conn, messages[i].kind.value, 1)
-        return kept, [messages[i] for i in sorted(refused)], last_seq
+        return kept, [messages[i] for i in sorted(refused)]
 
     def _drop_oldest(
         self,
@@ -462,11 +577,11 @@ class Outbox:
         drops: list[tuple[frozenset[MessageKind], int]],
     ) -> int:
         """Delete the oldest rows of `kinds` until `needed` payload bytes are freed (or none are left)."""
-        marks = ",".join("?" * len(kinds))
-        # One kind: walk the (kind, seq) index. Several: `+kind` makes SQLite walk the table in seq order
-        # (no stored crop is left by then) instead of sorting every detection in a temporary b-tree.
-        column = "kind" if len(kinds) == 1 else "+kind"
-        cursor = conn.execute(f"SELECT seq, size FROM outbox WHERE {column} IN ({marks}) ORDER BY seq", kinds)
+        # Crops: walk the partial crop index. Detections/events: the table in seq order (no stored crop is
+        # left by then).
+        literals = ",".join(f"'{kind}'" for kind in kinds)
+        where = _KIND_IS_CROP if kinds == (_CROP,) else f"kind IN ({literals})"
+        cursor = conn.execute(f"SELECT seq, size FROM outbox WHERE {where} ORDER BY seq")
         freed = 0
         last_seq = 0
         for seq, size in cursor:  # stops early: reads only as many rows as it drops
@@ -476,8 +591,8 @@ class Outbox:
                 break
         cursor.close()
         if last_seq:
-            dropped = _group_by_kind(conn, f"kind IN ({marks}) AND seq <= ?", (*kinds, last_seq))
-            conn.execute(f"DELETE FROM outbox WHERE kind IN ({marks}) AND seq <= ?", (*kinds, last_seq))
+            dropped = _group_by_kind(conn, f"{where} AND seq <= ?", (last_seq,))
+            conn.execute(f"DELETE FROM outbox WHERE {where} AND seq <= ?", (last_seq,))
             for kind, (count, size) in dropped.items():
                 _add_to_totals(conn, kind, -count, -size)
                 _count_drops(conn, kind, count)
@@ -521,9 +636,15 @@ class Outbox:
         try:
             with self._guard():
                 conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+                conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")  # new files; old ones keep theirs
                 mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
                 conn.execute(f"PRAGMA synchronous = {self._synchronous}")
-                conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT_BYTES}")
+                # Each connection checkpoints after its own commits once the WAL holds `wal_bytes`; the
+                # first commit after the WAL restarts truncates the file back to that size.
+                (page_size,) = conn.execute("PRAGMA page_size").fetchone()
+                wal_bytes = self.limits.wal_bytes
+                conn.execute(f"PRAGMA wal_autocheckpoint = {max(1, wal_bytes // page_size)}")
+                conn.execute(f"PRAGMA journal_size_limit = {wal_bytes}")
             if str(mode).lower() != "wal":
                 raise OutboxFileError(
                     f"outbox {self.path}: SQLite refused WAL mode (got {mode!r}); put it on a local disk"
@@ -542,11 +663,43 @@ class Outbox:
                 for statement in _SCHEMA:
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            elif version == 1 and self._is_v1(conn):
+                self._migrate_from_v1(conn)
             elif version != SCHEMA_VERSION:
                 raise self._move_aside_error(
                     f"is a SQLite database but not an edgefleet outbox of schema {SCHEMA_VERSION} "
                     f"(user_version {version}, {objects} schema objects)"
                 )
+
+    @staticmethod
+    def _is_v1(conn: sqlite3.Connection) -> bool:
+        columns = tuple(row[1] for row in conn.execute("PRAGMA table_info(outbox)"))
+        return columns == _V1_COLUMNS
+
+    def _migrate_from_v1(self, conn: sqlite3.Connection) -> None:
+        """Schema 1 (AUTOINCREMENT, payload in the middle, a (kind, seq) index) to 2, rows and drop counts
+        kept, in the caller's transaction: a crash half-way leaves the file at schema 1."""
+        (depth,) = conn.execute("SELECT count(*) FROM outbox").fetchone()
+        log.info("outbox %s: upgrading schema 1 to %d (%d message(s) kept)", self.path, SCHEMA_VERSION, depth)
+        (last_seq,) = conn.execute(
+            "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'outbox'), 0),"
+            " coalesce((SELECT max(seq) FROM outbox), 0))"
+        ).fetchone()
+        conn.execute("ALTER TABLE outbox RENAME TO outbox_v1")
+        conn.execute("DROP INDEX IF EXISTS outbox_kind_seq")
+        conn.execute("DROP INDEX IF EXISTS outbox_created_at")
+        conn.execute("DROP TABLE totals")
+        for statement in _SCHEMA[:5]:  # outbox, its indexes and totals; `dropped` is kept as it is
+            conn.execute(statement)
+        conn.execute(f"INSERT INTO outbox ({_COLUMNS}) SELECT {_COLUMNS} FROM outbox_v1 ORDER BY seq")
+        conn.execute("DROP TABLE outbox_v1")
+        for kind, count, size in conn.execute(
+            "SELECT kind, count(*), total(size) FROM outbox GROUP BY kind"
+        ).fetchall():
+            conn.execute("INSERT OR IGNORE INTO totals VALUES (?, 0, 0, 0)", (kind,))
+            _add_to_totals(conn, kind, count, int(size))
+        conn.execute("UPDATE totals SET last_seq = ?", (last_seq,))
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextmanager
     def _guard(self) -> Iterator[None]:
@@ -554,20 +707,24 @@ class Outbox:
         try:
             yield
         except sqlite3.DatabaseError as exc:
-            name = getattr(exc, "sqlite_errorname", "")  # Python >= 3.11
-            text = str(exc)
-            if (
-                name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB"))
-                or "malformed" in text
-                or "not a database" in text
-            ):
-                raise self._move_aside_error(f"is not a readable SQLite database ({text})") from exc
-            if name.startswith("SQLITE_CANTOPEN") or "unable to open" in text:
-                raise OutboxFileError(
-                    f"outbox {self.path} cannot be opened ({text}): check that its folder exists and that "
-                    "this user may write there"
-                ) from exc
+            self._raise_file_error(exc)
             raise
+
+    def _raise_file_error(self, exc: sqlite3.DatabaseError) -> None:
+        """Raise the OutboxFileError that says what to do if `exc` means the file is unusable."""
+        name = getattr(exc, "sqlite_errorname", "")  # Python >= 3.11
+        text = str(exc)
+        if (
+            name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB"))
+            or "malformed" in text
+            or "not a database" in text
+        ):
+            raise self._move_aside_error(f"is not a readable SQLite database ({text})") from exc
+        if name.startswith("SQLITE_CANTOPEN") or "unable to open" in text:
+            raise OutboxFileError(
+                f"outbox {self.path} cannot be opened ({text}): check that its folder exists and that "
+                "this user may write there"
+            ) from exc
 
     def _move_aside_error(self, what: str) -> OutboxFileError:
         return OutboxFileError(
@@ -652,8 +809,8 @@ def _delete_where(
 def _group_by_kind(
     conn: sqlite3.Connection, where: str, parameters: Sequence[object], index: str | None = None
 ) -> dict[str, tuple[int, int]]:
-    """Count and payload bytes of the matching rows by kind. `index` overrides the planner, which would
-    rather scan all of (kind, seq), to skip the GROUP BY sort, than search the index the WHERE needs."""
+    """Count and payload bytes of the matching rows by kind. `index` overrides the planner, which may
+    rather scan the whole table in rowid order than search the index the WHERE needs."""
     source = f"outbox INDEXED BY {index}" if index else "outbox"
     rows = conn.execute(
         f"SELECT kind, count(*), total(size) FROM {source} WHERE {where} GROUP BY kind", parameters
@@ -662,7 +819,7 @@ def _group_by_kind(
 
 
 def _add_to_totals(conn: sqlite3.Connection, kind: str, depth: int, size: int) -> None:
-    conn.execute("UPDATE totals SET depth = depth + ?, bytes = bytes + ? WHERE kind = ?", (depth, size, kind))
+    conn.execute(_ADD_TO_TOTALS, (depth, size, 0, kind))
 
 
 def _count_drops(conn: sqlite3.Connection, reason: str, count: int) -> None:
@@ -670,19 +827,18 @@ def _count_drops(conn: sqlite3.Connection, reason: str, count: int) -> None:
         conn.execute("UPDATE dropped SET count = count + ? WHERE reason = ?", (count, reason))
 
 
-def _row_values(row: OutboxRow) -> tuple[object, ...]:
-    message = row.message
-    properties = properties_to_json(message.properties)
+def _row_values(seq: int, message: OutboxMessage) -> tuple[object, ...]:
+    payload = message.payload
     return (
-        row.seq,
-        message.msg_id,
-        message.topic,
-        message.payload,
+        seq,
         message.kind.value,
         message.qos,
-        properties,
         message.created_at,
-        len(message.payload),
+        len(payload),
+        message.msg_id,
+        message.topic,
+        properties_to_json(message.properties),
+        payload,
     )
 
 

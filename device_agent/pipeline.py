@@ -5,9 +5,11 @@ Nothing here speaks MQTT or HTTP: it turns frames into outbox messages. The publ
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from device_agent.detector import DetectionResult, Detector, DetectParams
@@ -15,9 +17,12 @@ from device_agent.outbox import MessageKind, Outbox, OutboxFullError, OutboxMess
 from device_agent.policies import Crop, CropPolicy, CropPolicyConfig, PublishPolicy, PublishPolicyConfig
 from device_agent.sources import Frame
 from device_agent.tracker import IouTracker, TrackedDetection
+from fleet_protocol.errors import PayloadError
 from fleet_protocol.ids import new_det_id
 from fleet_protocol.mqtt import MessageProperties
 from fleet_protocol.payloads import (
+    MAX_CROP_BYTES,
+    MAX_DETECTIONS,
     CropMeta,
     DetectionEvent,
     DetectionItem,
@@ -27,6 +32,13 @@ from fleet_protocol.payloads import (
     encode,
 )
 from fleet_protocol.topics import Topics
+
+log = logging.getLogger(__name__)
+
+# Drop reasons counted in the outbox beside its own (telemetry: outbox.dropped), for what never reached it.
+CROP_TOO_LARGE = "crop_too_large"  # no JPEG within crops.max_bytes (MAX_CROP_BYTES at most)
+DETECTION_TRUNCATED = "detection_truncated"  # detections left out of an event to keep it within the contract
+TRUNCATION_WARNING_INTERVAL_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -64,40 +76,55 @@ class _SourceState:
 
 @dataclass
 class RecentEvents:
-    """The last N detection events with the refined labels that came back for them (for GET /v1/events)."""
+    """The last N detection events with the refined labels that came back for them (for GET /v1/events).
+
+    Events are kept as they are and turned into JSON only when asked for: the inference thread pays nothing
+    per event beyond a deque append.
+    """
 
     capacity: int
-    _events: deque[dict[str, object]] = field(init=False)
-    _by_det_id: dict[str, dict[str, object]] = field(default_factory=dict)
+    _events: deque[DetectionEvent] = field(init=False)
+    _kept_det_ids: set[str] = field(default_factory=set)
+    _refined: dict[str, dict[str, object]] = field(default_factory=dict)  # by det_id
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         self._events = deque(maxlen=self.capacity)
 
     def add(self, event: DetectionEvent) -> None:
-        record = event.model_dump(mode="json", by_alias=True)
         with self._lock:
             if len(self._events) == self.capacity:
-                for det in self._events[0]["detections"]:  # type: ignore[attr-defined]
-                    self._by_det_id.pop(det["det_id"], None)
-            self._events.append(record)
-            for det in record["detections"]:
-                self._by_det_id[det["det_id"]] = det
+                for det in self._events[0].detections:
+                    self._kept_det_ids.discard(det.det_id)
+                    self._refined.pop(det.det_id, None)
+            self._events.append(event)
+            self._kept_det_ids.update(det.det_id for det in event.detections)
 
     def add_refined(self, refined: RefinedPayload) -> bool:
         """Attach a refined label to its detection; False if that detection is no longer kept."""
         with self._lock:
-            det = self._by_det_id.get(refined.det_id)
-            if det is None:
+            if refined.det_id not in self._kept_det_ids:
                 return False
-            det["refined"] = refined.model_dump(
+            self._refined[refined.det_id] = refined.model_dump(
                 mode="json", include={"refined_label", "score", "top_k", "refiner_model"}
             )
             return True
 
     def latest(self, limit: int) -> list[dict[str, object]]:
         with self._lock:
-            return list(self._events)[-limit:][::-1]
+            events = list(self._events)[-limit:][::-1] if limit > 0 else []
+            refined = {
+                det.det_id: self._refined[det.det_id]
+                for event in events
+                for det in event.detections
+                if det.det_id in self._refined
+            }
+        records = [event.model_dump(mode="json", by_alias=True) for event in events]
+        for record in records:
+            for det in record["detections"]:
+                if det["det_id"] in refined:
+                    det["refined"] = refined[det["det_id"]]
+        return records
 
 
 class DetectionPipeline:
@@ -130,6 +157,8 @@ class DetectionPipeline:
         self._sources: dict[str, _SourceState] = {}
         self.last_result: DetectionResult | None = None
         self.last_model: ActiveModel | None = None  # the model the last (or failing) frame went to
+        self._crop_limit = min(MAX_CROP_BYTES, crops.max_bytes)
+        self._last_truncation_warning = -TRUNCATION_WARNING_INTERVAL_S
 
     def process(self, frame: Frame) -> DetectionEvent | None:
         """Detect in one frame; return the event if one was published (already durable in the outbox)."""
@@ -141,12 +170,18 @@ class DetectionPipeline:
         tracked = state.tracker.update(result.detections)
         if not state.publish.should_publish(tracked):
             return None
-        det_ids = [new_det_id() for _ in tracked]
-        event = self._event(frame, result, tracked, det_ids, active.ref)
+        tracked, det_ids, event, payload = self._event_within_contract(frame, result, tracked, active.ref)
+        too_large = state.crops.crops_too_large
         crops = state.crops.crops_for(frame.image, tracked)
-        messages = [self._event_message(event)]
+        messages = [self._event_message(event, payload)]
         det_id_of = {item.track_id: det_id for item, det_id in zip(tracked, det_ids, strict=True)}
-        messages += [self._crop_message(crop, det_id_of[crop.tracked.track_id], active.ref) for crop in crops]
+        for crop in crops:
+            if len(crop.jpeg) > self._crop_limit:  # the policy keeps to its own limit; never pass this one
+                state.crops.crops_too_large += 1
+                continue
+            messages.append(self._crop_message(crop, det_id_of[crop.tracked.track_id], active.ref))
+        if state.crops.crops_too_large > too_large:
+            self._outbox.count_dropped(CROP_TOO_LARGE, state.crops.crops_too_large - too_large)
         try:
             self._outbox.enqueue(messages)
         except OutboxFullError as error:
@@ -170,6 +205,38 @@ class DetectionPipeline:
                 IouTracker(), PublishPolicy(self._publish_config), CropPolicy(self._crop_config)
             )
         return self._sources[source_id]
+
+    def _event_within_contract(
+        self, frame: Frame, result: DetectionResult, tracked: list[TrackedDetection], model: ModelRef
+    ) -> tuple[list[TrackedDetection], list[str], DetectionEvent, bytes]:
+        """The event of a frame, its payload within MAX_DETECTIONS and MAX_PAYLOAD_BYTES: (the detections
+        it carries, their det_ids, the event, its encoded payload). Too many or too large: the most
+        confident ones are kept, and the rest counted as `detection_truncated`."""
+        kept = tracked if len(tracked) <= MAX_DETECTIONS else _most_confident(tracked, MAX_DETECTIONS)
+        while True:
+            det_ids = [new_det_id() for _ in kept]
+            event = self._event(frame, result, kept, det_ids, model)
+            try:
+                payload = encode(event)
+                break
+            except PayloadError:
+                if not kept:
+                    raise
+                kept = _most_confident(kept, len(kept) // 2)
+        if len(kept) < len(tracked):
+            self._outbox.count_dropped(DETECTION_TRUNCATED, len(tracked) - len(kept))
+            now = time.monotonic()
+            if now - self._last_truncation_warning >= TRUNCATION_WARNING_INTERVAL_S:
+                self._last_truncation_warning = now
+                log.warning(
+                    "frame %s/%d: %d detections do not fit one event; kept the %d most confident "
+                    "(lower model.max_det to avoid this)",
+                    frame.source_id,
+                    frame.seq,
+                    len(tracked),
+                    len(kept),
+                )
+        return kept, det_ids, event, payload
 
     def _event(
         self,
@@ -201,13 +268,13 @@ class DetectionPipeline:
             ],
         )
 
-    def _event_message(self, event: DetectionEvent) -> OutboxMessage:
+    def _event_message(self, event: DetectionEvent, payload: bytes) -> OutboxMessage:
         return OutboxMessage(
             msg_id=event.msg_id,
             topic=self._topics.detections(self.device_id),
-            payload=encode(event),
+            payload=payload,
             kind=MessageKind.DETECTION,
-            properties=MessageProperties(content_type="application/json"),
+            properties=_JSON,
         )
 
     def _crop_message(self, crop: Crop, det_id: str, model: ModelRef) -> OutboxMessage:
@@ -233,3 +300,12 @@ class DetectionPipeline:
                 user_properties=tuple(meta.to_user_properties()),
             ),
         )
+
+
+_JSON = MessageProperties(content_type="application/json")
+
+
+def _most_confident(items: Sequence[TrackedDetection], count: int) -> list[TrackedDetection]:
+    """The `count` most confident of `items`, in their order."""
+    ranked = sorted(range(len(items)), key=lambda i: -items[i].detection.confidence)[:count]
+    return [items[i] for i in sorted(ranked)]

@@ -11,6 +11,12 @@ from pydantic import BaseModel, Field, model_validator
 
 from device_agent.detector import Image
 from device_agent.tracker import TrackedDetection
+from fleet_protocol.payloads import MAX_CROP_BYTES
+
+MIN_CROP_LIMIT_BYTES = 4096
+# Crops over the byte limit are encoded again at these qualities (those below the configured one), then
+# made smaller at the last of them.
+FALLBACK_QUALITIES = (70, 50, 35)
 
 
 class PublishPolicyConfig(BaseModel):
@@ -48,6 +54,15 @@ class CropPolicyConfig(BaseModel):
         default=16, ge=1, le=1024, description="Boxes smaller than this on a side are not cut."
     )
     jpeg_quality: int = Field(default=85, ge=10, le=100, description="JPEG quality of crops.")
+    max_bytes: int = Field(
+        default=MAX_CROP_BYTES,
+        ge=MIN_CROP_LIMIT_BYTES,
+        le=MAX_CROP_BYTES,
+        description="Largest crop JPEG. A larger one is encoded again at a lower quality, then smaller (down "
+        "to a quarter of max_side), else skipped and counted (telemetry: outbox.dropped.crops_too_large). "
+        "At most the contract's 2 MiB; lower it to the broker's message_size_limit if that is smaller: "
+        "Mosquitto answers an over-limit publish in a way the client can only retry.",
+    )
     bytes_per_second: int = Field(
         default=200_000, ge=1_000, description="Budget for crop bytes; crops over it are not made."
     )
@@ -94,6 +109,7 @@ class CropPolicy:
     _budget: float = 0.0
     _budget_at: float = field(default_factory=time.monotonic)
     crops_over_budget: int = 0
+    crops_too_large: int = 0  # no encoding within max_bytes: skipped
 
     def __post_init__(self) -> None:
         self._budget = float(self.config.bytes_per_second)
@@ -106,8 +122,11 @@ class CropPolicy:
         for item in tracked:
             if not self._wanted(item):
                 continue
+            too_large = self.crops_too_large
             jpeg = self._cut(image, item)
             if jpeg is None:
+                if self.crops_too_large > too_large:  # not again each frame: only on a confidence change
+                    self._cropped_confidence[item.track_id] = item.detection.confidence
                 continue
             if len(jpeg) > self._budget:
                 self.crops_over_budget += 1
@@ -145,8 +164,29 @@ class CropPolicy:
         scale = self.config.max_side / max(crop.shape[:2])
         if scale < 1:
             crop = cv2.resize(crop, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-        ok, encoded = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, self.config.jpeg_quality])
-        return encoded.tobytes() if ok else None
+        return self._encode_within_limit(crop)
+
+    def _encode_within_limit(self, crop: Image) -> bytes | None:
+        """JPEG of `crop` of at most `max_bytes`: at the configured quality, else lower ones, else smaller
+        (down to a quarter of max_side); None, and counted, if none fits."""
+        limit, configured = self.config.max_bytes, self.config.jpeg_quality
+        jpeg, quality = b"", configured
+        for quality in (configured, *(q for q in FALLBACK_QUALITIES if q < configured)):
+            jpeg = _jpeg(crop, quality)
+            if len(jpeg) <= limit:
+                return jpeg or None
+        floor = max(self.config.min_side, self.config.max_side // 4)
+        while max(crop.shape[:2]) > floor:
+            # JPEG bytes grow about with the pixel count: aim a little under the limit.
+            factor = min(0.9, 0.95 * (limit / len(jpeg)) ** 0.5)
+            side = max(floor, int(max(crop.shape[:2]) * factor))
+            factor = side / max(crop.shape[:2])
+            crop = cv2.resize(crop, None, fx=factor, fy=factor, interpolation=cv2.INTER_AREA)
+            jpeg = _jpeg(crop, quality)
+            if len(jpeg) <= limit:
+                return jpeg or None
+        self.crops_too_large += 1
+        return None
 
     def _refill_budget(self) -> None:
         now = time.monotonic()
@@ -160,3 +200,8 @@ class CropPolicy:
             self._cropped_confidence = {
                 k: v for k, v in self._cropped_confidence.items() if k in live_track_ids
             }
+
+
+def _jpeg(image: Image, quality: int) -> bytes:
+    ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    return encoded.tobytes() if ok else b""

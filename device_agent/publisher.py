@@ -24,7 +24,8 @@ paho re-sends them itself after the next CONNACK, with or without a session on t
 (`fleet_protocol.mqtt`). Publishing them again would only add duplicates, so the publisher re-publishes a
 row only when paho gave up on it: not queued, a QoS 0 message lost with the link, or a PUBACK with a reason
 code worth retrying. Rows the broker refuses for good (not authorized, bad topic, bad payload format) are
-logged, deleted and counted as `rejected`, so one bad row cannot block the FIFO. After a restart of the
+logged, deleted and counted as `rejected`, so one bad row cannot block the FIFO; so are rows larger than the
+contract allows (MAX_CROP_BYTES, MAX_PAYLOAD_BYTES), which are never handed to paho. After a restart of the
 agent, the outbox is published again from its oldest row: duplicates carry the same `msg_id`, nothing is lost.
 """
 
@@ -42,6 +43,7 @@ from operator import attrgetter
 
 from device_agent.outbox import DELETE_CHUNK, MessageKind, Outbox, OutboxRow
 from fleet_protocol.mqtt import MqttSession, PublishHandle
+from fleet_protocol.payloads import MAX_CROP_BYTES, MAX_PAYLOAD_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -441,6 +443,20 @@ class OutboxPublisher:
 
     def _publish(self, row: OutboxRow) -> None:
         message = row.message
+        limit = MAX_CROP_BYTES if message.kind is MessageKind.CROP else MAX_PAYLOAD_BYTES
+        if len(message.payload) > limit:
+            # The pipeline never stores one (an older outbox might): Mosquitto would refuse it in a way
+            # paho can only answer by reconnecting and sending it again, forever, blocking the FIFO.
+            log.error(
+                "outbox row %d (msg_id %s) is %d bytes, over the contract's %d for a %s; dropped",
+                row.seq,
+                message.msg_id,
+                len(message.payload),
+                limit,
+                message.kind.value,
+            )
+            self._settle(row, rejected=True)
+            return
         try:
             self._session.publish(
                 message.topic,

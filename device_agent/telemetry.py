@@ -32,7 +32,14 @@ log = logging.getLogger(__name__)
 DEFAULT_THERMAL_ROOT = Path("/sys/class/thermal")
 STAGES = ("pre", "infer", "post", "total")
 # The outbox counts drops by message kind; the payload names them in the plural ('crops', 'detections').
-DROPPED_KEYS = {"crop": "crops", "detection": "detections", "event": "events", "expired": "expired"}
+DROPPED_KEYS = {
+    "crop": "crops",
+    "detection": "detections",
+    "event": "events",
+    "expired": "expired",
+    "crop_too_large": "crops_too_large",  # never enqueued: no JPEG within crops.max_bytes
+    "detection_truncated": "detections_truncated",  # left out of an event too large for the contract
+}
 # Jetson Nano/TX boards expose a "PMIC-Die" zone that always reads 100.0 C: a placeholder, not a sensor.
 IGNORED_ZONE_TYPES = frozenset({"pmic-die"})
 # The payload's bounds; a value past them is clamped, so one odd reading never costs the whole report.

@@ -24,6 +24,7 @@ from device_agent.outbox import (
     OutboxLimits,
     OutboxMessage,
     OutboxRow,
+    properties_to_json,
 )
 from fleet_protocol.mqtt import MessageProperties
 
@@ -278,24 +279,122 @@ def test_random_workload_never_passes_the_cap(db_path: Path, drop_detections: bo
         assert stats.dropped["detection"] + stats.dropped["event"] == len(refused)
 
 
-def test_database_file_stays_near_the_cap(db_path: Path) -> None:
-    cap, crop_batch = 1_000_000, 10
-    with Outbox(db_path, OutboxLimits(max_bytes=cap)) as outbox:
+@pytest.mark.parametrize(
+    ("cap", "crops", "crop_bytes", "detection_bytes"),
+    [(1_000_000, 10, 10_000, 300), (64 * 1024, 3, 9_000, 800)],  # the second: the agent's smallest cap
+)
+def test_files_on_disk_stay_within_the_documented_bound(
+    db_path: Path, cap: int, crops: int, crop_bytes: int, detection_bytes: int
+) -> None:
+    limits = OutboxLimits(max_bytes=cap)
+    wal_path = Path(f"{db_path}-wal")
+    batch_bytes = crops * crop_bytes + 5 * detection_bytes
+    most_stored, most_on_disk = 0, 0
+    with Outbox(db_path, limits) as outbox:
         for round_ in range(300):
             outbox.enqueue(
-                [message(f"c{round_}-{j}", size=10_000) for j in range(crop_batch)]
-                + [message(f"d{round_}-{j}", size=300) for j in range(5)]
+                [message(f"c{round_}-{j}", size=crop_bytes) for j in range(crops)]
+                + [message(f"d{round_}-{j}", size=detection_bytes) for j in range(5)]
             )
             if round_ % 10 == 0:  # the publisher keeps up with detections, not with crops
                 outbox.delete(
                     row.seq for row in all_rows(outbox) if row.message.kind is MessageKind.DETECTION
                 )
-            assert outbox.stats().bytes <= cap
-        # Overflow pages and indexes cost up to ~20% over the payload; the WAL is reset at each checkpoint.
-        assert db_path.stat().st_size <= 1.3 * (cap + crop_batch * 10_000) + 128 * 1024
-        assert Path(f"{db_path}-wal").stat().st_size <= 5 * 1024 * 1024
-        assert outbox.stats().dropped["crop"] > 2000
+            stats = outbox.stats()
+            assert stats.bytes <= cap
+            most_stored = max(most_stored, stats.depth)
+            on_disk = db_path.stat().st_size + (wal_path.stat().st_size if wal_path.exists() else 0)
+            most_on_disk = max(most_on_disk, on_disk)
+        bound = limits.disk_bound(batch_bytes, most_stored + crops + 5)
+        print(f"\ncap {cap}: at most {most_on_disk} B on disk (db + wal), bound {bound} B")
+        assert most_on_disk <= bound
+        # the WAL (checkpointed at wal_bytes) is no longer the largest part, as with a fixed 4 MiB
+        assert wal_path.stat().st_size <= 1.05 * (limits.wal_bytes + batch_bytes) + 1536 * (crops + 5)
+        assert outbox.stats().dropped["crop"] > 200
         assert outbox.stats().dropped["detection"] == 0
+
+
+# The schema of the first outbox files (user_version 1), as they may still be on a device.
+SCHEMA_1 = (
+    """CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, msg_id TEXT NOT NULL, topic TEXT NOT NULL,
+    payload BLOB NOT NULL, kind TEXT NOT NULL, qos INTEGER NOT NULL, properties TEXT NOT NULL,
+    created_at REAL NOT NULL, size INTEGER NOT NULL)""",
+    "CREATE INDEX outbox_kind_seq ON outbox (kind, seq)",
+    "CREATE INDEX outbox_created_at ON outbox (created_at)",
+    "CREATE TABLE totals (kind TEXT PRIMARY KEY, depth INTEGER NOT NULL, bytes INTEGER NOT NULL)",
+    "INSERT INTO totals VALUES ('crop', 0, 0), ('detection', 0, 0), ('event', 0, 0)",
+    "CREATE TABLE dropped (reason TEXT PRIMARY KEY, count INTEGER NOT NULL)",
+    "INSERT INTO dropped VALUES ('crop', 2), ('detection', 0), ('event', 1), ('expired', 0)",
+    "PRAGMA user_version = 1",
+)
+
+
+def test_a_schema_1_outbox_is_upgraded_in_place_keeping_every_message(db_path: Path) -> None:
+    db_path.parent.mkdir(parents=True)
+    old = sqlite3.connect(db_path, isolation_level=None)
+    old.execute("PRAGMA journal_mode = WAL")
+    for statement in SCHEMA_1:
+        old.execute(statement)
+    crop = OutboxMessage(
+        "c1",
+        TOPIC,
+        b"\xff\xd8jpeg",
+        MessageKind.CROP,
+        properties=MessageProperties(
+            content_type="image/jpeg", correlation_data=b"d1", user_properties=(("a", "b"),)
+        ),
+        created_at=1_700_000_000.5,
+    )
+    kept = [message("d0"), crop, message("e2"), message("d3")]
+    for m in [*kept, message("d4")]:
+        old.execute(
+            "INSERT INTO outbox (msg_id, topic, payload, kind, qos, properties, created_at, size)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                m.msg_id,
+                m.topic,
+                m.payload,
+                m.kind.value,
+                m.qos,
+                properties_to_json(m.properties),
+                m.created_at,
+                len(m.payload),
+            ),
+        )
+    old.execute("DELETE FROM outbox WHERE msg_id = 'd4'")  # its seq (5) was given out: never again
+    old.execute("UPDATE totals SET depth = 3, bytes = 300 WHERE kind IN ('detection', 'event')")
+    old.execute("UPDATE totals SET depth = 1, bytes = 6 WHERE kind = 'crop'")
+    old.close()
+
+    with Outbox(db_path) as outbox:
+        assert [row.message for row in all_rows(outbox)] == kept
+        assert [row.message.msg_id for row in outbox.peek(10, crops=True)] == ["c1"]
+        assert_totals_match_rows(outbox)
+        assert outbox.stats().dropped == {"crop": 2, "detection": 0, "event": 1, "expired": 0}
+        (added,) = outbox.enqueue(batch("d5"))
+        assert added.seq == 6
+    with Outbox(db_path) as reopened:  # upgraded once; opens as it is now
+        assert stored_ids(reopened) == ["d0", "c1", "e2", "d3", "d5"]
+    assert sqlite3.connect(db_path).execute("PRAGMA user_version").fetchone() == (2,)
+
+
+def test_drops_before_the_outbox_are_counted_beside_its_own(db_path: Path) -> None:
+    with Outbox(db_path) as outbox:
+        outbox.count_dropped("crop_too_large", 2)
+        outbox.count_dropped("crop_too_large")
+        outbox.count_dropped("crop_too_large", 0)
+        with pytest.raises(ValueError, match="drop reason"):
+            outbox.count_dropped("Crop too large")
+        with pytest.raises(ValueError, match="negative"):
+            outbox.count_dropped("crop_too_large", -1)
+    with Outbox(db_path) as reopened:
+        assert reopened.stats().dropped == {
+            "crop": 0,
+            "detection": 0,
+            "event": 0,
+            "expired": 0,
+            "crop_too_large": 3,
+        }
 
 
 def test_expire_drops_old_rows_and_counts_them(db_path: Path) -> None:

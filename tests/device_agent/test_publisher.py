@@ -15,6 +15,7 @@ from device_agent.outbox import MessageKind, Outbox, OutboxMessage
 from device_agent.publisher import OutboxPublisher
 from fleet_protocol.ids import new_msg_id
 from fleet_protocol.mqtt import Message, MessageProperties, MqttSession, MqttSettings
+from fleet_protocol.payloads import MAX_CROP_BYTES, MAX_PAYLOAD_BYTES
 from tests.broker import MosquittoBroker
 
 _client_ids = count()
@@ -241,6 +242,36 @@ def test_a_row_the_broker_refuses_for_good_is_dropped_and_does_not_block_the_fif
             agent.close()
         agents.clear()
         broker.kill()
+
+
+def test_rows_over_the_contract_size_are_dropped_unsent_and_do_not_block_the_fifo(
+    mqtt_broker: MosquittoBroker,
+    tmp_path: Path,
+    agents: list[Agent],
+) -> None:
+    collector = Collector(mqtt_broker, "t/oversize/#")
+    agent = Agent(mqtt_broker, tmp_path / "outbox.db")
+    agents.append(agent)
+    too_large = [  # left by an older agent, say: the pipeline never stores them
+        detection("t/oversize/cam-1/detections", size=MAX_PAYLOAD_BYTES + 1),
+        OutboxMessage(
+            new_msg_id(), "t/oversize/cam-1/crops", b"\xff" * (MAX_CROP_BYTES + 1), MessageKind.CROP
+        ),
+    ]
+    fine = [
+        detection("t/oversize/cam-1/detections", size=MAX_PAYLOAD_BYTES),
+        detection("t/oversize/cam-1/detections"),
+    ]
+
+    agent.enqueue([too_large[0], fine[0], too_large[1], fine[1]])
+
+    assert agent.publisher.flush(timeout=20), agent.publisher.counters()
+    assert not collector.wait_for_ids({m.msg_id for m in fine}, timeout=10)
+    collector.session.disconnect()
+    assert not {m.msg_id for m in too_large} & collector.counts.keys()
+    counters = agent.publisher.counters()
+    assert (counters.acked, counters.rejected) == (2, 2)
+    assert agent.outbox.stats().depth == 0
 
 
 def test_rows_beyond_what_memory_keeps_are_read_back_in_fifo_order_once_each(
