@@ -20,6 +20,7 @@ from typing import Any
 import uvicorn
 
 from device_agent.api import ApiSettings, create_app, make_server
+from device_agent.azure import azure_session
 from device_agent.config import AgentSettings
 from device_agent.detector import Detector, DetectParams
 from device_agent.model_store import ModelStore
@@ -75,9 +76,12 @@ class Agent:
         else:
             self.model = ModelSlot(_load_model(settings))
         self.outbox = Outbox(settings.outbox_path, _outbox_limits(settings))
-        self.session = MqttSession(
-            _mqtt_settings(settings), will=self._status_message(DeviceState.OFFLINE), birth=self._birth
-        )
+        if settings.transport == "azure":  # Azure IoT Hub / IoT Edge; loads the SDK only here
+            self.session = azure_session(settings, self.topics, birth=self._birth)
+        else:
+            self.session = MqttSession(
+                _mqtt_settings(settings), will=self._status_message(DeviceState.OFFLINE), birth=self._birth
+            )
         self.publisher = OutboxPublisher(
             self.outbox,
             self.session,
@@ -136,8 +140,8 @@ class Agent:
             self.model.get().ref.name,
             ",".join(self.model.get().detector.providers),
             len(self.sources),
-            self.settings.broker.host,
-            self.settings.broker.port,
+            self.session.settings.host,
+            self.session.settings.port,
         )
 
     def stop(self) -> None:

@@ -7,6 +7,7 @@ Environment values merge into the file's sections, so secrets can stay out of th
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -176,7 +177,12 @@ class OtaConfig(BaseModel):
         description="Per-frame latency (pre + infer + post) a model must keep: the smoke inference must be "
         "within it; in probation the p95 must stay within it x rollback_factor. Set it for the device.",
     )
-    smoke_runs: int = Field(default=3, ge=1, le=100, description="Smoke inferences when staging (median).")
+    smoke_runs: int = Field(
+        default=3,
+        ge=1,
+        le=100,
+        description="Timed smoke inferences when staging; the fastest must be within latency_budget_ms.",
+    )
     probation_s: float = Field(
         default=60.0, ge=0, le=86_400, description="Seconds a new model is watched before it is committed."
     )
@@ -209,6 +215,95 @@ class OtaConfig(BaseModel):
         return self
 
 
+AzureAuth = Literal["edge", "connection_string", "symmetric_key", "x509"]
+
+
+class AzureConfig(BaseModel):
+    """Azure IoT Hub / IoT Edge, used with `transport: azure` (needs `pip install 'edgefleet[azure]'`).
+
+    Secrets never go in a file: the connection string and the shared access key come from the environment
+    (EDGEFLEET_AGENT_AZURE__CONNECTION_STRING, EDGEFLEET_AGENT_AZURE__SHARED_ACCESS_KEY); in an IoT Edge
+    module (auth: edge) the edge runtime provides the identity and nothing is configured.
+    """
+
+    auth: AzureAuth = Field(
+        default="edge",
+        description="edge: the IoT Edge module identity the edge runtime provides (IOTEDGE_* variables; for "
+        "local development EdgeHubConnectionString + EdgeModuleCACertificateFile); connection_string: a "
+        "device or module connection string; symmetric_key: hostname + device id + shared access key; "
+        "x509: hostname + device id (+ module id) + client certificate.",
+    )
+    connection_string: SecretStr | None = Field(
+        default=None,
+        description="Device or module connection string (auth: connection_string); set it with "
+        "EDGEFLEET_AGENT_AZURE__CONNECTION_STRING, never in the file.",
+    )
+    hostname: str | None = Field(
+        default=None, description="IoT Hub host name, e.g. my-hub.azure-devices.net (symmetric_key, x509)."
+    )
+    device_id: str | None = Field(
+        default=None,
+        description="The IoT Hub device identity (symmetric_key, x509); default: the agent's device_id.",
+    )
+    module_id: str | None = Field(
+        default=None,
+        description="A module identity of that device (x509 only; module connection strings name their own).",
+    )
+    shared_access_key: SecretStr | None = Field(
+        default=None,
+        description="The device's shared access key (auth: symmetric_key); set it with "
+        "EDGEFLEET_AGENT_AZURE__SHARED_ACCESS_KEY, never in the file.",
+    )
+    x509_cert: Path | None = Field(default=None, description="Client certificate (chain) file (auth: x509).")
+    x509_key: Path | None = Field(default=None, description="Its private key file (auth: x509).")
+    x509_pass_phrase: SecretStr | None = Field(
+        default=None, description="Pass phrase of the private key, if it has one; prefer the environment."
+    )
+    gateway_hostname: str | None = Field(
+        default=None,
+        description="Connect through this IoT Edge gateway instead of the hub (a downstream device; "
+        "symmetric_key, x509). Connection strings carry it as GatewayHostName.",
+    )
+    server_ca: Path | None = Field(
+        default=None,
+        description="CA certificate to trust for the hub's or gateway's TLS certificate (e.g. an IoT Edge "
+        "gateway's root CA); default: the system's CAs. auth: edge gets it from the edge runtime.",
+    )
+    websockets: bool = Field(
+        default=False, description="MQTT over WebSockets on port 443 instead of MQTT on 8883 (firewalls)."
+    )
+    keepalive_s: int = Field(
+        default=60, ge=5, le=1740, description="MQTT keepalive with the hub (IoT Hub allows at most 1740 s)."
+    )
+    retry_interval_s: int = Field(
+        default=10,
+        ge=1,
+        le=3600,
+        description="Seconds between reconnect attempts after the link to the hub drops.",
+    )
+    sastoken_ttl_s: int = Field(
+        default=3600,
+        ge=60,
+        le=7 * 24 * 3600,
+        description="Lifetime of the SAS tokens made from a key (renewed before they expire).",
+    )
+
+    @model_validator(mode="after")
+    def _auth_has_what_it_needs(self) -> AzureConfig:
+        needs: dict[str, list[str]] = {
+            "edge": [],
+            "connection_string": ["connection_string"],
+            "symmetric_key": ["hostname", "shared_access_key"],
+            "x509": ["hostname", "x509_cert", "x509_key"],
+        }
+        missing = [name for name in needs[self.auth] if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"azure.auth {self.auth!r} needs azure.{', azure.'.join(missing)}")
+        if self.module_id is not None and self.auth != "x509":
+            raise ValueError("azure.module_id is for auth 'x509'; a module connection string has ModuleId")
+        return self
+
+
 class AgentSettings(BaseSettings):
     """Settings of one device agent."""
 
@@ -218,12 +313,22 @@ class AgentSettings(BaseSettings):
     _config_file: ClassVar[Path | None] = None
 
     device_id: str = Field(
-        description="This device's id: letters, digits, '-', '_', '.'; unique in the fleet."
+        description="This device's id: letters, digits, '-', '_', '.'; unique in the fleet. An IoT Edge "
+        "module (transport: azure) without one takes the edge device's id (IOTEDGE_DEVICEID)."
     )
     data_dir: Path = Field(
         default=Path("edgefleet-data"), description="Outbox, models and OTA state live here."
     )
+    transport: Literal["mqtt", "azure"] = Field(
+        default="mqtt",
+        description="mqtt: the edgefleet MQTT contract through `broker`; azure: Azure IoT Hub / IoT Edge "
+        "through `azure` (detections as device-to-cloud messages, the desired model from the twin's desired "
+        "properties, OTA state and status as reported properties; needs `pip install 'edgefleet[azure]'`).",
+    )
     broker: BrokerConfig = Field(default_factory=BrokerConfig, description="The MQTT broker.")
+    azure: AzureConfig = Field(
+        default_factory=AzureConfig, description="Azure IoT Hub / IoT Edge (with transport: azure)."
+    )
     model: ModelConfig = Field(description="The detector model.")
     sources: list[SourceConfig] = Field(min_length=1, max_length=16, description="Cameras, streams, files.")
     publish: PublishPolicyConfig = Field(
@@ -245,6 +350,16 @@ class AgentSettings(BaseSettings):
         description="Append the msg_id of every message committed to the outbox to this file (an audit trail "
         "to compare with what consumers received).",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _edge_device_id(cls, data: Any) -> Any:
+        """As an IoT Edge module (transport: azure) the device id defaults to the edge device's own."""
+        edge_device = os.environ.get("IOTEDGE_DEVICEID")
+        as_edge_module = isinstance(data, dict) and data.get("transport") == "azure" and edge_device
+        if as_edge_module and "device_id" not in data:
+            return {**data, "device_id": edge_device}
+        return data
 
     @field_validator("device_id")
     @classmethod

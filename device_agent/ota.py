@@ -531,14 +531,15 @@ class OtaManager:
             )
         if not np.isfinite(output).all():
             raise UpdateFailedError("staging: the smoke inference gave non-finite values (NaN or inf)")
-        timings = sorted(detector.run(image).timing.total_ms for _ in range(self.config.smoke_runs))
-        median = timings[len(timings) // 2]
-        if median > self.config.latency_budget_ms:
+        # The fastest run is judged: the current model keeps inferring meanwhile, so contention for the cores
+        # inflates single runs; probation judges the new model's latency on real frames.
+        fastest = min(detector.run(image).timing.total_ms for _ in range(self.config.smoke_runs))
+        if fastest > self.config.latency_budget_ms:
             raise UpdateFailedError(
-                f"staging: smoke inference took {median:.0f} ms (median of {len(timings)}), over the "
-                f"latency budget of {self.config.latency_budget_ms:.0f} ms"
+                f"staging: smoke inference took {fastest:.0f} ms (fastest of {self.config.smoke_runs}), "
+                f"over the latency budget of {self.config.latency_budget_ms:.0f} ms"
             )
-        log.info("OTA: smoke inference passed: output %s, %.1f ms", list(output.shape), median)
+        log.info("OTA: smoke inference passed: output %s, %.1f ms", list(output.shape), fastest)
 
     def _activate(self, job: OtaJob, staged: ActiveModel, key_id: str | None, generation: int) -> None:
         self._enter(job, OtaState.ACTIVATING)
