@@ -102,6 +102,8 @@ def create_app(
         title="edgefleet cloud refiner",
         summary="Finer labels for edge detections.",
         version="1",
+        docs_url=None,  # Swagger UI and ReDoc load from a CDN; /openapi.json is served
+        redoc_url=None,
     )
 
     @app.exception_handler(ApiError)
@@ -110,7 +112,10 @@ def create_app(
 
     @app.exception_handler(HTTPException)
     async def on_http_error(_: Request, error: HTTPException) -> Response:
-        detail = "no such endpoint; this API serves POST /v1/refine, GET /healthz, /readyz, /metrics, /docs"
+        detail = (
+            "no such endpoint; this API serves POST /v1/refine, GET /healthz, /readyz, /metrics and "
+            "/openapi.json"
+        )
         return error_response(
             error.status_code, "http_error", detail if error.status_code == 404 else error.detail
         )

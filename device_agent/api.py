@@ -207,6 +207,8 @@ def create_app(
         summary="Local object detection on this device.",
         version="1",
         lifespan=lifespan,
+        docs_url=None,  # Swagger UI and ReDoc load from a CDN; /openapi.json is served
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.metrics = metrics
@@ -505,7 +507,10 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 def _http_detail(error: HTTPException) -> str:
     if error.status_code == 404:
-        return "no such endpoint; this API serves POST /v1/detect, GET /healthz, /readyz, /metrics and /docs"
+        return (
+            "no such endpoint; this API serves POST /v1/detect, GET /healthz, /readyz, /metrics and "
+            "/openapi.json"
+        )
     if error.status_code == 405:
         return (
             f"method not allowed here; allowed: {error.headers.get('Allow', '?') if error.headers else '?'}"

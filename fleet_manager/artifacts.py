@@ -17,7 +17,7 @@ import secrets
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Protocol
+from typing import Annotated, Any, Protocol
 
 from fastapi import APIRouter, FastAPI, Header, HTTPException, Request, Response
 from fastapi import Path as PathParam
@@ -60,21 +60,6 @@ def artifact_router(lookup: ArtifactLookup, authorize: ArtifactAuthorizer) -> AP
     """The ``/v1/artifacts/{name}/{version}`` routes (GET and HEAD)."""
     router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
 
-    @router.api_route(
-        "/{name}/{version}",
-        methods=["GET", "HEAD"],
-        summary="Download a model file (bearer token; Range, ETag = sha256, If-None-Match, If-Range)",
-        response_class=Response,
-        responses={
-            200: {"content": {"application/octet-stream": {}}, "description": "The whole file."},
-            206: {"description": "The requested byte range."},
-            304: {"description": "The client's copy (If-None-Match) is current."},
-            401: {"description": "No bearer token."},
-            403: {"description": "The token may not download this artifact."},
-            404: {"description": "No such model version."},
-            416: {"description": "The range lies outside the file."},
-        },
-    )
     def get_artifact(
         request: Request,
         name: Annotated[str, PathParam(pattern=_NAME, description="Model name.")],
@@ -121,7 +106,33 @@ def artifact_router(lookup: ArtifactLookup, authorize: ArtifactAuthorizer) -> AP
             media_type="application/octet-stream",
         )
 
+    # One route per method: a route with both would give GET and HEAD the same OpenAPI operation id.
+    summaries = {
+        "GET": "Download a model file (bearer token; Range, ETag = sha256, If-None-Match, If-Range)",
+        "HEAD": "The headers of a model file download (size, ETag), without the body",
+    }
+    for method, summary in summaries.items():
+        router.add_api_route(
+            "/{name}/{version}",
+            get_artifact,
+            methods=[method],
+            operation_id=f"{method.lower()}_artifact",
+            summary=summary,
+            response_class=Response,
+            responses=_RESPONSES,
+        )
     return router
+
+
+_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/octet-stream": {}}, "description": "The whole file."},
+    206: {"description": "The requested byte range."},
+    304: {"description": "The client's copy (If-None-Match) is current."},
+    401: {"description": "No bearer token."},
+    403: {"description": "The token may not download this artifact."},
+    404: {"description": "No such model version."},
+    416: {"description": "The range lies outside the file."},
+}
 
 
 def create_artifact_app(lookup: ArtifactLookup, authorize: ArtifactAuthorizer) -> FastAPI:

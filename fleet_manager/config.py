@@ -143,6 +143,65 @@ class RolloutSettings(BaseModel):
     )
 
 
+class FieldTrackingSettings(BaseModel):
+    """MLflow runs of how each model version performs on the devices (docs/field-tracking.md)."""
+
+    enabled: bool = Field(
+        default=False,
+        description="Log field metrics to MLflow; turn it on in one fleet manager replica only (each replica "
+        "would log the same buckets again).",
+    )
+    tracking_uri: str | None = Field(
+        default=None,
+        description="MLflow tracking URI; default: the model registry's (`registry.mlflow_uri`, else its "
+        "local SQLite store), so the runs sit beside the registered versions they describe.",
+    )
+    artifact_root: str | None = Field(
+        default=None,
+        description="Where new field experiments keep artifacts when MLflow uses a database directly (folder "
+        "or URI); default: the registry's artifact root. Ignored with a tracking server.",
+    )
+    experiment_prefix: str = Field(
+        default="edgefleet-field/",
+        min_length=1,
+        description="One experiment per model name: this prefix followed by the model name.",
+    )
+    interval_s: float = Field(
+        default=300.0,
+        gt=0,
+        le=86_400,
+        description="Bucket length, s: each model version's run gets one point per metric and bucket.",
+    )
+    settle_s: float = Field(
+        default=5.0,
+        ge=0,
+        le=600,
+        description="A bucket is logged this long after it ends, so messages still being written count.",
+    )
+    max_catch_up_s: float = Field(
+        default=86_400.0,
+        gt=0,
+        description="After a restart, buckets missed while down are logged back to at most this far.",
+    )
+    max_device_metrics: int = Field(
+        default=100,
+        ge=0,
+        le=10_000,
+        description="Per-device metrics for at most this many devices per version (by device id); the "
+        "fleet-wide aggregates always count every device.",
+    )
+    samples_per_bucket: int = Field(
+        default=4, ge=0, le=100, description="Crop JPEGs logged per version and bucket, one per device first."
+    )
+    max_samples: int = Field(default=200, ge=0, description="Crop JPEGs logged per run at most.")
+    detections_per_bucket: int = Field(
+        default=20,
+        ge=0,
+        le=1000,
+        description="Most recent detection events (JSON, with their objects) logged per version and bucket.",
+    )
+
+
 class ApiSettings(BaseModel):
     """The HTTP server."""
 
@@ -186,6 +245,9 @@ class FleetSettings(BaseSettings):
     retention: RetentionSettings = Field(default_factory=RetentionSettings, description="Data retention.")
     rollouts: RolloutSettings = Field(default_factory=RolloutSettings, description="Rollout controller.")
     api: ApiSettings = Field(default_factory=ApiSettings, description="HTTP server and public URL.")
+    field_tracking: FieldTrackingSettings = Field(
+        default_factory=FieldTrackingSettings, description="Per model version field metrics in MLflow."
+    )
     registry: dict[str, Any] = Field(
         default_factory=dict,
         description="Overrides for the model registry's settings (RegistrySettings fields, e.g. mlflow_uri).",

@@ -1,4 +1,4 @@
-"""The fleet manager process: database, ingest, MQTT, rollout controller and retention, wired together.
+"""The fleet manager process: database, ingest, MQTT, rollout controller, retention and field tracking.
 
 `FleetService(settings).start()` migrates the database, rewrites the broker files, and starts the
 background parts; `create_app(service)` (fleet_manager.api.main) serves the HTTP API over it.
@@ -13,6 +13,7 @@ from typing import Any
 
 from fleet_manager.config import FleetSettings
 from fleet_manager.db import Database
+from fleet_manager.field_tracking import FieldTracker
 from fleet_manager.ingest import Ingestor
 from fleet_manager.mqtt import FleetMqtt
 from fleet_manager.provisioning import sync_broker
@@ -88,6 +89,9 @@ class FleetService:
         self.controller = RolloutController(
             self.db, self.catalog, public_url=settings.api.public_url, publisher=self.mqtt
         )
+        self.field_tracker = (
+            FieldTracker.from_settings(self.db, settings) if settings.field_tracking.enabled else None
+        )
         self.ingestor.add_listener(self._on_ingested)
         self._stop = threading.Event()
         self._maintenance: threading.Thread | None = None
@@ -111,6 +115,8 @@ class FleetService:
         self._stop.clear()
         self._maintenance = threading.Thread(target=self._maintain, name="fleet-retention", daemon=True)
         self._maintenance.start()
+        if self.field_tracker is not None:
+            self.field_tracker.start()
         if isinstance(self.catalog, LazyCatalog):
             self.catalog.preload()
         self.started = True
@@ -119,6 +125,8 @@ class FleetService:
         if not self.started:
             return
         self._stop.set()
+        if self.field_tracker is not None:
+            self.field_tracker.stop()
         self.controller.stop()
         if self.mqtt is not None:
             self.mqtt.stop()

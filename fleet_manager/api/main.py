@@ -57,6 +57,10 @@ def create_app(service: FleetService, *, manage_service: bool = False) -> FastAP
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        # FastAPI's /docs and /redoc pages load their scripts from a CDN; nothing is fetched from one at run
+        # time, so only the OpenAPI document is served (/openapi.json; open it in any OpenAPI viewer).
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.fleet = service
     for module in (system, devices, rollouts, tokens, audit):

@@ -112,6 +112,27 @@ def test_handler_exception_is_logged_and_the_loop_keeps_running(
     assert "handler bug" in caplog.text
 
 
+def test_routing_follows_subscribe_and_unsubscribe_after_topics_were_seen(
+    mqtt_broker: MosquittoBroker,
+    sessions: list[MqttSession],
+) -> None:
+    """The topic -> handlers match is cached; a new or dropped subscription must still take effect."""
+    receiver = open_session(sessions, settings_for(mqtt_broker, "router"))
+    sender = open_session(sessions, settings_for(mqtt_broker, "sender"))
+    wide = subscribed(receiver, "t/route/#")
+    sender.publish("t/route/cam-1", b"1", qos=1).wait(5)
+    assert wide.wait_for(lambda msgs: len(msgs) == 1)
+
+    receiver.unsubscribe("t/route/#")
+    narrow = subscribed(receiver, "t/route/+")
+    sender.publish("t/route/cam-1", b"2", qos=1).wait(5)
+
+    assert narrow.wait_for(lambda msgs: len(msgs) == 1)
+    time.sleep(0.2)
+    assert wide.payloads() == [b"1"]
+    assert narrow.payloads() == [b"2"]
+
+
 def test_shared_subscription_routes_to_its_handler(
     mqtt_broker: MosquittoBroker,
     sessions: list[MqttSession],
