@@ -1,5 +1,5 @@
-# Two commands matter: `make demo` (once the local stack exists: today it runs the detector on a sample
-# image) and `make test`. Both create .venv on first use.
+# Two commands matter: `make demo` (the whole fleet on this machine: `edgefleet up`) and `make test`.
+# Both create .venv on first use and install Mosquitto with the system package manager when it is missing.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -15,13 +15,14 @@ $(BIN)/edgefleet: pyproject.toml constraints.txt
 
 install: $(BIN)/edgefleet
 
-# The tests start their own private Mosquitto; install it with the system package manager when missing.
+# `edgefleet up` and the tests start their own private Mosquitto; install it with the system package manager
+# when it is missing and that is allowed (root with apt-get), else say what to install.
 mosquitto:
 	@command -v mosquitto >/dev/null || test -x /usr/sbin/mosquitto || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto; \
 	  else \
-	    echo "The tests need the Mosquitto broker: sudo apt-get install mosquitto (or brew install mosquitto)"; \
+	    echo "edgefleet needs the Mosquitto broker: sudo apt-get install mosquitto (or brew install mosquitto)"; \
 	    exit 1; \
 	  fi; }
 
@@ -44,8 +45,10 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-demo: install
-	$(BIN)/edgefleet detect $(SHARED)/data/images/bus.jpg --model $(SHARED)/models/yolov8n_int8.onnx --save runs/demo
+# Broker, fleet manager, refiner and three agents on the sample video and photos, then a canary rollout;
+# Ctrl-C stops everything. State stays in runs/stack (`edgefleet up --reset` starts afresh).
+demo: install mosquitto
+	$(BIN)/edgefleet up --shared $(SHARED)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
