@@ -67,6 +67,9 @@ def render_acl(accounts: Iterable[AccountLine], topics: Topics) -> str:
                 f"topic read {devices_tree}/+/#",
                 f"topic write {devices_tree}/+/{TopicKind.MODEL_DESIRED.value}",
                 f"topic write {devices_tree}/+/cmd/#",
+                # Only to delete a revoked device's retained messages (empty payloads).
+                f"topic write {devices_tree}/+/{TopicKind.STATUS.value}",
+                f"topic write {devices_tree}/+/{TopicKind.MODEL_REPORTED.value}",
             ]
         elif account.role is BrokerRole.REFINER:
             lines += [

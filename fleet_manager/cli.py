@@ -220,6 +220,7 @@ def provision(
 @fleet_app.command()
 def revoke(device_id: Annotated[str, typer.Argument(help="The device to remove.")]) -> None:
     """Remove a device: its broker account and ACL entries, its tokens, and its registration."""
+    from fleet_manager.mqtt import clear_retained_once
     from fleet_manager.provisioning import revoke_device
 
     with _errors():
@@ -228,6 +229,16 @@ def revoke(device_id: Annotated[str, typer.Argument(help="The device to remove."
             reloaded, error = revoke_device(db, settings, device_id, actor=_actor())
     stdout.print(f"revoked {device_id}")
     _report_reload(settings, reloaded, error)
+    problem = clear_retained_once(settings.broker, device_id)
+    if problem:
+        root = f"{settings.broker.topic_root}/devices/{device_id}"
+        stderr.print(
+            f"[yellow]warning:[/yellow] {problem}; its retained status and model messages stay on the broker "
+            f"until deleted: mosquitto_pub -r -n -t {root}/status (and {root}/model/reported, "
+            f"{root}/model/desired) as the fleet manager's account",
+            markup=True,
+            highlight=False,
+        )
 
 
 def _report_reload(settings: FleetSettings, reloaded: bool, error: str | None) -> None:

@@ -351,6 +351,8 @@ class Ingestor:
         kind = parsed.kind
         if kind in (TopicKind.MODEL_DESIRED, TopicKind.CMD):
             return None  # what the fleet manager itself publishes
+        if not message.payload and kind in (TopicKind.STATUS, TopicKind.MODEL_REPORTED):
+            return None  # a retained message deleted (a revoked device)
         name: str = kind.value
         try:
             if kind is TopicKind.CROPS:

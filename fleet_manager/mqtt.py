@@ -8,6 +8,7 @@ a fleet manager that dies loses nothing the broker handed over; the broker redel
 from __future__ import annotations
 
 import logging
+import os
 from functools import partial
 
 from fleet_manager.config import BrokerSettings
@@ -63,6 +64,11 @@ class FleetMqtt:
             return False
         return True
 
+    def clear_retained(self, device_id: str) -> None:
+        """Delete the device's retained messages (a revoked device), so ingest never sees it again."""
+        for topic in retained_topics(self.topics, device_id):
+            self.session.publish(topic, b"", qos=1, retain=True)
+
     def _on_message(self, message: Message) -> None:
         self.ingestor.submit(
             Incoming(
@@ -74,3 +80,36 @@ class FleetMqtt:
                 ack=partial(self.session.ack, message) if self.manual_ack else None,
             )
         )
+
+
+def retained_topics(topics: Topics, device_id: str) -> tuple[str, ...]:
+    """The topics on which a device leaves retained messages, its own and the fleet manager's."""
+    return (topics.status(device_id), topics.model_reported(device_id), topics.model_desired(device_id))
+
+
+def clear_retained_once(settings: BrokerSettings, device_id: str, timeout_s: float = 5.0) -> str | None:
+    """Connect once (the CLI, beside a running fleet manager: another client id, no session kept), delete the
+    device's retained messages and disconnect; None on success, else what went wrong."""
+    base = settings.mqtt_settings()
+    once = base.model_copy(
+        update={
+            "client_id": f"{base.client_id}-revoke-{os.getpid()}",
+            "clean_start": True,
+            "session_expiry_s": 0,
+        }
+    )
+    session = MqttSession(once)
+    session.connect()
+    try:
+        if not session.wait_connected(timeout_s):
+            return f"could not connect to the broker at {once.host}:{once.port}"
+        handles = [
+            session.publish(topic, b"", qos=1, retain=True)
+            for topic in retained_topics(Topics(settings.topic_root), device_id)
+        ]
+        for handle in handles:
+            if not handle.wait(timeout_s) or handle.error is not None:
+                return f"the broker did not accept clearing {device_id}'s retained messages ({handle.error})"
+        return None
+    finally:
+        session.disconnect()

@@ -14,11 +14,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import SecretStr
 from typer.testing import CliRunner
 
 from device_agent.config import load_settings as load_agent_settings
 from fleet_manager.cli import fleet_app
 from fleet_manager.models import BrokerRole
+from fleet_manager.mqtt import clear_retained_once
 from fleet_manager.provisioning import (
     ProvisioningError,
     agent_config,
@@ -183,6 +185,8 @@ def test_generated_broker_files_confine_devices(
         assert refiner_inbox.wait_for(lambda m: len(m) == 1, 5)
         refiner.publish(topics.refined("cam-b"), b"golden retriever").wait(5)
         assert b_inbox.wait_for(lambda m: [x.payload for x in m] == [b"golden retriever"], 5)
+        device_a.publish(topics.status("cam-a"), b'{"state": "online"}', qos=1, retain=True).wait(5)
+        device_a.publish(topics.model_reported("cam-a"), b'{"state": "active"}', qos=1, retain=True).wait(5)
         for client in (device_a, device_b, refiner, fleet):
             client.disconnect()
 
@@ -196,6 +200,18 @@ def test_generated_broker_files_confine_devices(
         assert "cam-a" not in settings.password_file.read_text()
         assert refused(broker, "cam-a", cam_a.broker_password)
         connected(broker, "cam-b", cam_b.broker_password).disconnect()
+        # Its retained messages go too, so a fleet manager subscribing afresh never sees cam-a again.
+        fleet_broker = settings.broker.model_copy(
+            update={"port": broker.port, "username": "edgefleet-fleet", "password": SecretStr(fleet_password)}
+        )
+        assert clear_retained_once(fleet_broker, "cam-a") is None
+        fresh = Inbox()
+        watcher = connected(broker, "edgefleet-fleet", fleet_password, **{f"{ROOT}/devices/+/#": fresh})
+        assert fresh.wait_for(lambda m: any(x.topic == topics.model_desired("cam-b") for x in m), 5)
+        assert not fresh.wait_for(lambda m: any("/cam-a/" in x.topic for x in m), 1.0), [
+            (x.topic, x.payload) for x in fresh.messages
+        ]
+        watcher.disconnect()
     finally:
         broker.stop()
 
@@ -328,6 +344,7 @@ def test_cli_provision_tokens_rollouts(
 
     code, _, err = run("revoke", "cam-1")
     assert code == 0, err
+    assert "retained status and model messages stay on the broker" in err  # no broker here to clear them
     code, _, err = run("revoke", "cam-1")
     assert code == 2
     assert "no device" in err

@@ -192,6 +192,8 @@ def revoke(device_id: str, principal: AdminDep, service: ServiceDep) -> Response
         revoke_device(service.db, service.settings, device_id, actor=principal.actor)
     except ProvisioningError as error:
         raise HTTPException(404 if "no device" in str(error) else 422, str(error)) from None
+    if service.mqtt is not None:
+        service.mqtt.clear_retained(device_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
