@@ -32,7 +32,14 @@ from device_agent.sources import Frame, FrameSource
 from device_agent.telemetry import TelemetryCollector
 from fleet_protocol import __version__
 from fleet_protocol.errors import PayloadError, TopicError
-from fleet_protocol.mqtt import Message, MqttSession, MqttSettings, OutgoingMessage, PublishHandle
+from fleet_protocol.mqtt import (
+    Message,
+    MqttSession,
+    MqttSettings,
+    OutgoingMessage,
+    PublishHandle,
+    PublishingSession,
+)
 from fleet_protocol.onnx_model import SessionOptions
 from fleet_protocol.payloads import (
     DeviceState,
@@ -76,6 +83,7 @@ class Agent:
         else:
             self.model = ModelSlot(_load_model(settings))
         self.outbox = Outbox(settings.outbox_path, _outbox_limits(settings))
+        self.session: PublishingSession
         if settings.transport == "azure":  # Azure IoT Hub / IoT Edge; loads the SDK only here
             self.session = azure_session(settings, self.topics, birth=self._birth)
         else:

@@ -9,19 +9,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-    YamlConfigSettingsSource,
-)
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import SettingsConfigDict
 
 from device_agent.policies import CropPolicyConfig, PublishPolicyConfig
 from device_agent.sources import SourceConfig
+from fleet_protocol.settings import ConfigError as ConfigError
+from fleet_protocol.settings import YamlFileSettings, load_yaml_settings
 from fleet_protocol.topics import DEFAULT_ROOT, validate_device_id
 
 
@@ -304,13 +300,10 @@ class AzureConfig(BaseModel):
         return self
 
 
-class AgentSettings(BaseSettings):
+class AgentSettings(YamlFileSettings):
     """Settings of one device agent."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="EDGEFLEET_AGENT_", env_nested_delimiter="__", extra="forbid", yaml_file=None
-    )
-    _config_file: ClassVar[Path | None] = None
+    model_config = SettingsConfigDict(env_prefix="EDGEFLEET_AGENT_")
 
     device_id: str = Field(
         description="This device's id: letters, digits, '-', '_', '.'; unique in the fleet. An IoT Edge "
@@ -386,44 +379,7 @@ class AgentSettings(BaseSettings):
     def trust_store(self) -> Path:
         return self.ota.trust_store or self.data_dir / "trust"
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if cls._config_file is not None:
-            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=cls._config_file))
-        return tuple(sources)
-
-
-class ConfigError(ValueError):
-    """The configuration is invalid; the message names each bad field."""
-
 
 def load_settings(path: Path | None = None, **overrides: Any) -> AgentSettings:
     """Settings from `path` (YAML), the environment and `overrides`; ConfigError names each bad field."""
-    if path is not None and not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        if path is not None:
-            yaml.safe_load(path.read_text(encoding="utf-8"))  # fail early with YAML's own line numbers
-        settings_cls = type("AgentSettingsFromFile", (AgentSettings,), {"_config_file": path})
-        return settings_cls(**overrides)  # type: ignore[no-any-return]
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {error}") from error
-    except ValidationError as error:
-        raise ConfigError(_describe(error, path)) from error
-
-
-def _describe(error: ValidationError, path: Path | None) -> str:
-    where = f" in {path}" if path else ""
-    lines = [f"invalid agent configuration{where}:"]
-    for problem in error.errors():
-        field = ".".join(str(part) for part in problem["loc"]) or "(top level)"
-        lines.append(f"  {field}: {problem['msg']}")
-    return "\n".join(lines)
+    return load_yaml_settings(AgentSettings, path, overrides, component="agent")

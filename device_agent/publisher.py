@@ -42,7 +42,7 @@ from functools import partial
 from operator import attrgetter
 
 from device_agent.outbox import DELETE_CHUNK, MessageKind, Outbox, OutboxRow
-from fleet_protocol.mqtt import MqttSession, PublishHandle
+from fleet_protocol.mqtt import PublishHandle, PublishingSession
 from fleet_protocol.payloads import MAX_CROP_BYTES, MAX_PAYLOAD_BYTES
 
 log = logging.getLogger(__name__)
@@ -160,12 +160,12 @@ class _Lane:
 
 
 class OutboxPublisher:
-    """Background drain of an `Outbox` through an `MqttSession`: `start`, `notify`, `flush`, `stop`."""
+    """Background drain of an `Outbox` through a `PublishingSession`: `start`, `notify`, `flush`, `stop`."""
 
     def __init__(
         self,
         outbox: Outbox,
-        session: MqttSession,
+        session: PublishingSession,
         *,
         window: int = 200,
         poll_interval_s: float = 0.25,

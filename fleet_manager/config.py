@@ -8,18 +8,14 @@ keeps its own settings (`EDGEFLEET_REGISTRY_*`); `registry` here only overrides 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
-import yaml
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-    YamlConfigSettingsSource,
-)
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import SettingsConfigDict
 
 from fleet_protocol.mqtt import MqttSettings
+from fleet_protocol.settings import ConfigError as ConfigError
+from fleet_protocol.settings import YamlFileSettings, load_yaml_settings
 from fleet_protocol.topics import DEFAULT_ROOT, Topics
 
 DEFAULT_FLEET_USERNAME = "edgefleet-fleet"
@@ -219,13 +215,10 @@ class ApiSettings(BaseModel):
         return value.rstrip("/")
 
 
-class FleetSettings(BaseSettings):
+class FleetSettings(YamlFileSettings):
     """Settings of the fleet manager."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="EDGEFLEET_FLEET_", env_nested_delimiter="__", extra="forbid", yaml_file=None
-    )
-    _config_file: ClassVar[Path | None] = None
+    model_config = SettingsConfigDict(env_prefix="EDGEFLEET_FLEET_")
 
     data_dir: Path = Field(
         default=Path("edgefleet-data/fleet"), description="The SQLite database and broker files live here."
@@ -273,40 +266,7 @@ class FleetSettings(BaseSettings):
     def fleet_username(self) -> str:
         return self.broker.username or DEFAULT_FLEET_USERNAME
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if cls._config_file is not None:
-            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=cls._config_file))
-        return tuple(sources)
-
-
-class ConfigError(ValueError):
-    """The configuration is invalid; the message names each bad field."""
-
 
 def load_settings(path: Path | None = None, **overrides: Any) -> FleetSettings:
     """Settings from `path` (YAML), the environment and `overrides`; ConfigError names each bad field."""
-    if path is not None and not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        if path is not None:
-            yaml.safe_load(path.read_text(encoding="utf-8"))  # fail early with YAML's own line numbers
-        settings_cls = type("FleetSettingsFromFile", (FleetSettings,), {"_config_file": path})
-        return settings_cls(**overrides)  # type: ignore[no-any-return]
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {error}") from error
-    except ValidationError as error:
-        where = f" in {path}" if path else ""
-        lines = [f"invalid fleet manager configuration{where}:"]
-        for problem in error.errors():
-            field = ".".join(str(part) for part in problem["loc"]) or "(top level)"
-            lines.append(f"  {field}: {problem['msg']}")
-        raise ConfigError("\n".join(lines)) from error
+    return load_yaml_settings(FleetSettings, path, overrides, component="fleet manager")

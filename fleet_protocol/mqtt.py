@@ -31,7 +31,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -241,6 +241,40 @@ class Backoff:
 
     def reset(self) -> None:
         self.attempts = 0
+
+
+class PublishingSession(Protocol):
+    """What the device agent and its outbox publisher need of a session: `MqttSession` or another transport.
+
+    `settings` names the endpoint in logs; `receive_maximum` bounds the publisher's in-flight window.
+    """
+
+    settings: MqttSettings
+    receive_maximum: int
+
+    @property
+    def connected(self) -> bool: ...
+
+    @property
+    def topic_filters(self) -> list[str]: ...
+
+    def connect(self) -> None: ...
+
+    def disconnect(self, *, publish_will: bool = False) -> None: ...
+
+    def add_connect_listener(self, listener: ConnectListener) -> None: ...
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 1,
+        retain: bool = False,
+        properties: MessageProperties | None = None,
+        on_ack: AckCallback | None = None,
+    ) -> PublishHandle: ...
+
+    def subscribe(self, topic_filter: str, handler: MessageHandler, qos: int = 1) -> None: ...
 
 
 class MqttSession:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from device_agent.config import AgentSettings
-from fleet_protocol.mqtt import MqttSession, OutgoingMessage
+from fleet_protocol.mqtt import OutgoingMessage, PublishingSession
 from fleet_protocol.topics import Topics
 
 INSTALL_HINT = "pip install 'edgefleet[azure]'"
@@ -24,7 +24,7 @@ def azure_session(
     topics: Topics,
     *,
     birth: OutgoingMessage | Callable[[], OutgoingMessage] | None = None,
-) -> MqttSession:
+) -> PublishingSession:
     """The agent's session over Azure IoT Hub / IoT Edge (see `device_agent.azure.session`)."""
     try:
         from device_agent.azure.session import AzureSession

@@ -1,7 +1,7 @@
 """The agent's session over Azure IoT Hub / IoT Edge, through azure-iot-device 2.x (its asyncio clients).
 
-`AzureSession` takes the place of the agent's `MqttSession`, so the agent core, the outbox publisher and the
-OTA manager run unchanged. What each MQTT-contract topic becomes:
+`AzureSession` takes the place of the agent's `MqttSession` (both are a `PublishingSession`), so the agent
+core, the outbox publisher and the OTA manager run unchanged. What each MQTT-contract topic becomes:
 
 - `detections`, `crops`, `telemetry`: a device-to-cloud message with app property `edgefleet_kind` = the
   topic kind. JSON ones carry content type `application/json`, encoding `utf-8` and message id = the
@@ -17,9 +17,6 @@ Delivery: `send_message` completes when the hub's PUBACK arrives, and only then 
 succeed, so the outbox deletes a row only after the hub took it. In-flight messages survive a dropped link:
 the SDK (connection_retry on) keeps them in paho, which sends them again after reconnecting. A reported
 patch completes on the hub's 204 response; the latest value per property waits while the link is down.
-
-Why a subclass of `MqttSession` that skips its `__init__`: the agent and the publisher are typed against
-`MqttSession`; this class overrides every public method and attribute they use and makes no paho client.
 """
 
 from __future__ import annotations
@@ -60,7 +57,6 @@ from fleet_protocol.mqtt import (
     Message,
     MessageHandler,
     MessageProperties,
-    MqttSession,
     MqttSettings,
     OutgoingMessage,
     PublishHandle,
@@ -169,7 +165,7 @@ def _settle_from(handle: HubPublish, future: Future[None]) -> None:
     handle.settle(None if error is None else f"not delivered: {type(error).__name__}: {error}")
 
 
-class AzureSession(MqttSession):
+class AzureSession:
     """The agent's link to Azure IoT Hub or an IoT Edge hub; `connect()` starts its own event-loop thread.
 
     One connect/disconnect cycle per instance (the SDK client cannot be used again after its shutdown).
@@ -182,7 +178,6 @@ class AzureSession(MqttSession):
         *,
         birth: OutgoingMessage | Callable[[], OutgoingMessage] | None = None,
     ) -> None:
-        # Deliberately no super().__init__(): it would make a paho client; see the module docstring.
         config = settings.azure
         endpoint = config.gateway_hostname or config.hostname or f"azure-iot ({config.auth})"
         self.settings = MqttSettings(
