@@ -162,6 +162,7 @@ def _properties(packet_type: int) -> Properties:
 MessageHandler = Callable[[Message], None]
 AckCallback = Callable[["PublishHandle"], None]
 ConnectListener = Callable[[bool], None]  # called with session_present after every successful connect
+Birth = OutgoingMessage | Callable[[], OutgoingMessage]  # the message itself, or made afresh on each connect
 
 
 _HANDLE_EVENT_LOCK = threading.Lock()
@@ -285,7 +286,7 @@ class MqttSession:
         settings: MqttSettings,
         *,
         will: OutgoingMessage | None = None,
-        birth: OutgoingMessage | Callable[[], OutgoingMessage] | None = None,
+        birth: Birth | None = None,
     ) -> None:
         self.settings = settings
         self._birth = birth
@@ -486,21 +487,7 @@ class MqttSession:
             ]
         if subscriptions:
             client.subscribe(subscriptions)
-        self._publish_birth()
-        for listener in list(self._connect_listeners):
-            try:
-                listener(flags.session_present)
-            except Exception:
-                log.exception("connect listener %r failed", listener)
-
-    def _publish_birth(self) -> None:
-        if self._birth is None:
-            return
-        try:
-            birth = self._birth() if callable(self._birth) else self._birth
-            self.publish(birth.topic, birth.payload, birth.qos, birth.retain, birth.properties)
-        except Exception:
-            log.exception("publishing the birth message failed")
+        announce_connected(self, self._birth, list(self._connect_listeners), flags.session_present)
 
     def _on_disconnect(
         self,
@@ -590,3 +577,23 @@ class MqttSession:
                 log.error(
                     "broker refused a subscription of %r: %s (check the ACL)", self.settings.client_id, reason
                 )
+
+
+def announce_connected(
+    session: PublishingSession,
+    birth: Birth | None,
+    listeners: list[ConnectListener],
+    session_present: bool,
+) -> None:
+    """After a connect: publish the birth message, then tell the listeners; their failures are logged."""
+    if birth is not None:
+        try:
+            message = birth() if callable(birth) else birth
+            session.publish(message.topic, message.payload, message.qos, message.retain, message.properties)
+        except Exception:
+            log.exception("publishing the birth message failed")
+    for listener in listeners:
+        try:
+            listener(session_present)
+        except Exception:
+            log.exception("connect listener %r failed", listener)

@@ -6,10 +6,8 @@ configured for Azure, so a device without the extra runs the MQTT transport as b
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from device_agent.config import AgentSettings
-from fleet_protocol.mqtt import OutgoingMessage, PublishingSession
+from fleet_protocol.mqtt import Birth, PublishingSession
 from fleet_protocol.topics import Topics
 
 INSTALL_HINT = "pip install 'edgefleet[azure]'"
@@ -23,7 +21,7 @@ def azure_session(
     settings: AgentSettings,
     topics: Topics,
     *,
-    birth: OutgoingMessage | Callable[[], OutgoingMessage] | None = None,
+    birth: Birth | None = None,
 ) -> PublishingSession:
     """The agent's session over Azure IoT Hub / IoT Edge (see `device_agent.azure.session`)."""
     try:

@@ -26,7 +26,7 @@ import contextlib
 import json
 import logging
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from concurrent.futures import Future
 from functools import partial
 from itertools import count
@@ -53,13 +53,14 @@ from fleet_protocol.mqtt import (
     NO_PROPERTIES,
     AckCallback,
     Backoff,
+    Birth,
     ConnectListener,
     Message,
     MessageHandler,
     MessageProperties,
     MqttSettings,
-    OutgoingMessage,
     PublishHandle,
+    announce_connected,
 )
 from fleet_protocol.payloads import CROP_CONTENT_TYPE
 from fleet_protocol.topics import TopicKind, Topics
@@ -176,7 +177,7 @@ class AzureSession:
         settings: AgentSettings,
         topics: Topics,
         *,
-        birth: OutgoingMessage | Callable[[], OutgoingMessage] | None = None,
+        birth: Birth | None = None,
     ) -> None:
         config = settings.azure
         endpoint = config.gateway_hostname or config.hostname or f"azure-iot ({config.auth})"
@@ -298,24 +299,10 @@ class AzureSession:
             listeners = list(self._listeners)
         self._retry.reset()
         log.info("connected to %s as %r", self.settings.host, self._device_id)
-        self._publish_birth()
-        for listener in listeners:
-            try:
-                listener(True)
-            except Exception:
-                log.exception("connect listener %r failed", listener)
+        announce_connected(self, self._birth_message, listeners, True)
         self._kick_reporter()
         if self._patches_enabled:
             self._run(self._read_twin())  # desired changes made while the link was down
-
-    def _publish_birth(self) -> None:
-        if self._birth_message is None:
-            return
-        try:
-            birth = self._birth_message() if callable(self._birth_message) else self._birth_message
-            self.publish(birth.topic, birth.payload, birth.qos, birth.retain, birth.properties)
-        except Exception:
-            log.exception("reporting the birth status failed")
 
     def _run(self, coroutine: Coroutine[Any, Any, None]) -> None:
         loop = self._loop
