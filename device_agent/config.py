@@ -75,7 +75,11 @@ class OutboxConfig(BaseModel):
     """The durable queue between detection and the network."""
 
     path: Path | None = Field(default=None, description="SQLite file; default: <data_dir>/outbox.sqlite3.")
-    max_bytes: int = Field(default=256 * 1024 * 1024, ge=64 * 1024, description="Payload bytes kept at most.")
+    max_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        ge=64 * 1024,
+        description="Bytes on disk kept at most: database file + WAL (one batch more while it is written).",
+    )
     max_age_s: float = Field(
         default=7 * 24 * 3600, gt=0, description="Older messages are dropped (and counted)."
     )

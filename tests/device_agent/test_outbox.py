@@ -11,12 +11,14 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
 import pytest
 
 from device_agent.outbox import (
+    MIN_MAX_BYTES,
     MessageKind,
     Outbox,
     OutboxFileError,
@@ -24,6 +26,7 @@ from device_agent.outbox import (
     OutboxLimits,
     OutboxMessage,
     OutboxRow,
+    message_footprint,
     properties_to_json,
 )
 from fleet_protocol.mqtt import MessageProperties
@@ -125,12 +128,72 @@ def test_peek_after_seq_and_delete(db_path: Path) -> None:
         assert all_rows(reopened)[0].seq > last_seq
 
 
+# A small outbox: 40 KiB on disk, 16 KiB of it the WAL's, 24 KiB the database file's (8 KiB schema): about
+# fifteen UNIT-byte messages. Filled one message at a time, it says when it is full (`fill`), so the tests
+# below state what must happen in what order, not SQLite's page arithmetic.
+SMALL = OutboxLimits(max_bytes=40 * 1024, max_age_s=60)
+UNIT = 1000
+
+
+def fill(outbox: Outbox, prefix: str, kind: str = "d", limit: int = 200) -> list[str]:
+    """Enqueue `kind` messages of UNIT bytes one at a time until one is refused or a stored row dropped;
+    returns the ids enqueued (the last one refused or stored in place of what was dropped)."""
+    enqueued: list[str] = []
+    for i in range(limit):
+        before = outbox.stats().dropped
+        enqueued.append(f"{kind}{prefix}{i}")
+        try:
+            outbox.enqueue(batch(enqueued[-1], size=UNIT))
+        except OutboxFullError:
+            return enqueued
+        if outbox.stats().dropped != before:
+            return enqueued
+    raise AssertionError(f"{limit} messages of {UNIT} bytes never filled the outbox")
+
+
+def on_disk(db_path: Path) -> tuple[int, int]:
+    """The sizes of the database file and its WAL now."""
+    wal = Path(f"{db_path}-wal")
+    return db_path.stat().st_size, wal.stat().st_size if wal.exists() else 0
+
+
+def test_limits_split_max_bytes_and_refuse_a_cap_below_the_fixed_overhead() -> None:
+    assert (SMALL.wal_bytes, SMALL.db_bytes, SMALL.room_bytes) == (16 * 1024, 24 * 1024, 16 * 1024)
+    default = OutboxLimits()
+    assert default.wal_bytes == 4 * 1024 * 1024  # 256 MiB / 16 is more: at most 4 MiB
+    assert default.db_bytes == default.max_bytes - default.wal_bytes
+    assert OutboxLimits(max_bytes=MIN_MAX_BYTES).room_bytes == 4 * 1024
+    with pytest.raises(ValueError, match=f"at least {MIN_MAX_BYTES} ") as error:
+        OutboxLimits(max_bytes=MIN_MAX_BYTES - 1)
+    assert "raise it" in str(error.value)
+    with pytest.raises(ValueError, match="max_age_s"):
+        OutboxLimits(max_age_s=0)
+
+
+def test_footprints_follow_sqlite_s_record_layout(db_path: Path) -> None:
+    small, large = message("d0", size=100), message("c0", size=10_000)
+    # A small row lives in its leaf cell; a large one keeps a few bytes there and the rest in whole pages.
+    assert 100 < message_footprint(small) < 512
+    # 10,085 bytes of record: 19 full overflow pages, 432 bytes in the leaf cell (+ 14 cell, 40 index entries)
+    assert message_footprint(large) == 19 * 512 + 432 + 14 + 40
+    assert message_footprint(large, page_size=4096) == 2 * 4096 + 1900 + 14 + 40
+    with Outbox(db_path) as outbox:
+        rows = outbox.enqueue([small, large])
+        assert [row.footprint for row in rows] == [message_footprint(small), message_footprint(large)]
+        assert [row.footprint for row in all_rows(outbox)] == [row.footprint for row in rows]
+        stats = outbox.stats()
+        assert stats.bytes == 10_100  # telemetry's `bytes`: payload, as before
+        assert stats.disk_bytes == sum(on_disk(db_path))
+
+
 def test_enqueue_returns_the_stored_rows_with_their_seqs_and_listeners_hear_of_changes(db_path: Path) -> None:
     heard: list[tuple[str, object]] = []
+    added: list[int] = []
 
     class Listener:
-        def rows_added(self, rows: list[OutboxRow]) -> None:
+        def rows_added(self, rows: Sequence[OutboxRow]) -> None:
             heard.append(("added", [(r.seq, r.message.msg_id) for r in rows]))
+            added.extend(r.seq for r in rows)
 
         def rows_dropped(self, kinds: frozenset[MessageKind], up_to_seq: int) -> None:
             heard.append(("dropped", (sorted(kinds), up_to_seq)))
@@ -138,28 +201,29 @@ def test_enqueue_returns_the_stored_rows_with_their_seqs_and_listeners_hear_of_c
         def rows_expired(self, cutoff: float) -> None:
             heard.append(("expired", cutoff))
 
-    with Outbox(db_path, OutboxLimits(max_bytes=1000, max_age_s=60)) as outbox:
+    with Outbox(db_path, SMALL) as outbox:
         outbox.add_listener(Listener())
-        first = outbox.enqueue(batch("d0", "c0", "c1", "d1"))
+        first = outbox.enqueue(batch("d0", "c0", "c1", "d1", size=UNIT))
         outbox.delete(row.seq for row in first)  # an emptied table must not give a seq out twice
-        second = outbox.enqueue(batch("c2", "d2", "c3", "e0", "d3"))
-        third = outbox.enqueue(batch("d4", "d5", "d6", "d7"))
-        old = message("d8", created_at=time.time() - 120)
-        third += outbox.enqueue([old, *batch("d9", "d10")])  # 1200 bytes: both crops go
+        second = outbox.enqueue(batch("c2", "d2", "c3", "e0", "d3", size=UNIT))
+        third = outbox.enqueue([message("dold", size=UNIT, created_at=time.time() - 120)])
+        filled = fill(outbox, "f")  # until the first drop: the oldest crop, c2 (c3 too if one was not enough)
         assert outbox.expire() == 1
 
         stored = {row.seq: row.message for row in all_rows(outbox)}
         for row in second + third:
             assert row.seq not in stored or stored[row.seq] == row.message
-        seqs = [row.seq for row in first + second + third]
-        assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # consecutive, in batch order
-    assert [event for event, _ in heard] == ["added", "added", "added", "dropped", "added", "expired"]
-    assert heard[3][1] == (["crop"], second[2].seq)
+        assert "c2" not in stored_ids(outbox)
+        assert stored_ids(outbox)[-len(filled) :] == filled
+    events = [event for event, _ in heard]
+    assert events == ["added"] * (3 + len(filled) - 1) + ["dropped", "added", "expired"]
+    assert heard[-3][1] in [(["crop"], second[0].seq), (["crop"], second[2].seq)]
+    assert added == list(range(added[0], added[0] + len(added)))  # consecutive, in batch order
 
 
 def test_peek_by_kind_and_acknowledge_rows_some_already_gone(db_path: Path) -> None:
-    with Outbox(db_path, OutboxLimits(max_bytes=1000)) as outbox:
-        rows = outbox.enqueue(batch("d0", "c0", "d1", "c1", "d2", "d3", "d4", "d5"))
+    with Outbox(db_path, SMALL) as outbox:
+        rows = outbox.enqueue(batch("d0", "c0", "d1", "c1", "d2", "d3", "d4", "d5", size=UNIT))
         by_id = {row.message.msg_id: row for row in rows}
         assert [r.message.msg_id for r in outbox.peek(10, crops=True)] == ["c0", "c1"]
         assert [r.message.msg_id for r in outbox.peek(3, crops=False)] == ["d0", "d1", "d2"]
@@ -170,83 +234,104 @@ def test_peek_by_kind_and_acknowledge_rows_some_already_gone(db_path: Path) -> N
         ]
         outbox.acknowledge([by_id["d0"], by_id["d1"], by_id["d2"], by_id["d3"]])  # a run and singles
         assert stored_ids(outbox) == ["c0", "c1", "d4", "d5"]
-        outbox.enqueue(batch(*(f"d{i}" for i in range(6, 14))))  # makes room: both crops go
-        assert stored_ids(outbox)[:2] == ["d4", "d5"]
+        filled: list[str] = []
+        while "c1" in stored_ids(outbox):  # makes room: both crops go
+            filled += fill(outbox, f"f{len(filled)}-")
+        assert stored_ids(outbox) == ["d4", "d5", *filled]
 
         outbox.acknowledge([by_id["c0"], by_id["c1"], by_id["d4"]])  # the crops were dropped meanwhile
 
-        assert stored_ids(outbox) == [f"d{i}" for i in range(5, 14)]
+        assert stored_ids(outbox) == ["d5", *filled]
         assert_totals_match_rows(outbox)
 
 
 def test_oldest_crops_are_dropped_first_then_detections_are_refused(db_path: Path) -> None:
-    with Outbox(db_path, OutboxLimits(max_bytes=1000)) as outbox:
-        outbox.enqueue(batch("c0", "c1", "d0", "d1", "d2", "d3", "d4", "d5"))
-        outbox.enqueue(batch("d6", "d7", "d8"))  # 1100 bytes: the oldest crop goes
-        assert stored_ids(outbox) == ["c1", "d0", "d1", "d2", "d3", "d4", "d5", "d6", "d7", "d8"]
-        outbox.enqueue(batch("d9"))
-        assert "c1" not in stored_ids(outbox)
+    with Outbox(db_path, SMALL) as outbox:
+        outbox.enqueue(batch("c0", "c1", "d0", size=UNIT))
+        filled: list[str] = []
+        while "c1" in stored_ids(outbox):
+            filled += fill(outbox, f"f{len(filled)}-")
+            assert stored_ids(outbox) in (["c1", "d0", *filled], ["d0", *filled])  # the oldest crop first
         with pytest.raises(OutboxFullError, match="drop_detections_when_full") as refused:
-            outbox.enqueue(batch("d10"))
-        assert [m.msg_id for m in refused.value.rejected] == ["d10"]
-        assert stored_ids(outbox) == [f"d{i}" for i in range(10)]
+            outbox.enqueue(batch("dX", size=UNIT))  # no crop left: the detection is refused
+        assert [m.msg_id for m in refused.value.rejected] == ["dX"]
+        assert stored_ids(outbox) == ["d0", *filled]
         stats = outbox.stats()
-        assert stats.bytes == 1000
         assert stats.dropped == {"crop": 2, "detection": 1, "event": 0, "expired": 0}
+        assert stats.bytes <= SMALL.room_bytes
         assert_totals_match_rows(outbox)
 
 
 def test_batch_crops_are_refused_newest_first(db_path: Path) -> None:
-    with Outbox(db_path, OutboxLimits(max_bytes=1000)) as outbox:
-        outbox.enqueue(batch(*(f"d{i}" for i in range(8))))
-        outbox.enqueue(batch("cA", "cB", "d8"))  # room for 200 of 300 bytes, no stored crop to drop
-        assert stored_ids(outbox)[-2:] == ["cA", "d8"]
-        outbox.enqueue([message("cHuge", size=5000)])  # larger than the whole cap: refused, never an error
-        assert stored_ids(outbox)[-2:] == ["cA", "d8"]  # and cA was not dropped for nothing
-        assert outbox.stats().dropped["crop"] == 2
-        assert outbox.stats().dropped["detection"] == 0
+    with Outbox(db_path, SMALL) as outbox:
+        detections = fill(outbox, "")[:-1]  # full: the last one was refused
+        outbox.delete(row.seq for row in outbox.peek(2))  # room for two, not for four
+        assert stored_ids(outbox) == detections[2:]
+        crops = ["cA", "cB", "cC"]
+        outbox.enqueue(batch(*crops, "dN", size=UNIT))
+        new = stored_ids(outbox)[len(detections) - 2 :]
+        assert new[-1] == "dN"  # a detection of the batch is kept before its crops
+        assert new[:-1] == crops[: len(new) - 1]  # the batch's oldest crops kept, its newest refused
+        assert len(new) < 4
+        outbox.enqueue([message("cHuge", size=60_000)])  # larger than the whole cap: refused, never an error
+        assert stored_ids(outbox)[len(detections) - 2 :] == new  # and no stored crop was dropped for nothing
+        assert outbox.stats().dropped["crop"] == 4 - len(new) + 1
+        assert outbox.stats().dropped["detection"] == 1  # the one that found it full
 
 
 def test_full_error_commits_the_prefix_that_fits(db_path: Path) -> None:
-    with Outbox(db_path, OutboxLimits(max_bytes=1000)) as outbox:
-        outbox.enqueue(batch(*(f"d{i}" for i in range(7))))
+    with Outbox(db_path, SMALL) as outbox:
+        detections = fill(outbox, "")[:-1]
+        outbox.delete(row.seq for row in outbox.peek(3))
+        items = batch("e7", "d8", "c9", "d10", "e11", "d12", size=UNIT)
         with pytest.raises(OutboxFullError, match=str(db_path)) as refused:
-            outbox.enqueue(batch("e7", "d8", "c9", "d10", "e11", "d12"))  # 300 bytes free
-        assert [m.msg_id for m in refused.value.rejected] == ["e11", "d12"]
-        assert stored_ids(outbox)[-3:] == ["e7", "d8", "d10"]  # the crop went before any detection
-        assert outbox.stats().bytes == 1000
-        assert outbox.stats().dropped == {"crop": 1, "detection": 1, "event": 1, "expired": 0}
+            outbox.enqueue(items)
+        kept = stored_ids(outbox)[len(detections) - 3 :]
+        not_crops = ["e7", "d8", "d10", "e11", "d12"]
+        assert 1 <= len(kept) < 5
+        assert kept == not_crops[: len(kept)]  # the longest prefix that fits; the crop went first
+        assert [m.msg_id for m in refused.value.rejected] == not_crops[len(kept) :]
+        assert outbox.stats().dropped["crop"] == 1
+        refused_kinds = Counter(msg_id[0] for msg_id in not_crops[len(kept) :])
+        assert outbox.stats().dropped["detection"] == 1 + refused_kinds["d"]
+        assert outbox.stats().dropped["event"] == refused_kinds["e"]
 
 
 def test_detections_are_dropped_only_when_configured(db_path: Path) -> None:
-    limits = OutboxLimits(max_bytes=1000, drop_detections_when_full=True)
+    limits = OutboxLimits(max_bytes=SMALL.max_bytes, drop_detections_when_full=True)
     with Outbox(db_path, limits) as outbox:
-        outbox.enqueue(batch("e0", "d1", "d2", "d3", "d4", "d5", "d6"))
-        outbox.enqueue(batch("d7", "d8", "d9", "d10", "e11"))  # no error: the oldest stored go
-        assert stored_ids(outbox) == ["d2", "d3", "d4", "d5", "d6", "d7", "d8", "d9", "d10", "e11"]
-        outbox.enqueue(batch("c12"))  # detections never make room for a crop
-        assert stored_ids(outbox)[0] == "d2"
-        outbox.enqueue(
-            batch(*(f"d{i}" for i in range(20, 32)))
-        )  # a batch larger than the cap keeps its newest
-        assert stored_ids(outbox) == [f"d{i}" for i in range(22, 32)]
-        assert outbox.stats().dropped == {"crop": 1, "detection": 12, "event": 2, "expired": 0}
+        outbox.enqueue(batch("e0", "d1", "d2", size=UNIT))
+        filled = fill(outbox, "f")  # no error: the oldest stored go
+        stored = stored_ids(outbox)
+        assert stored in (["d1", "d2", *filled], ["d2", *filled])  # e0 went first (and d1 if not enough)
+        outbox.enqueue(batch("c12", size=UNIT))  # detections never make room for a crop
+        assert stored_ids(outbox) == stored
+        big = [f"dn{i}" for i in range(3 * len(filled))]
+        outbox.enqueue(batch(*big, size=UNIT))  # a batch larger than the cap keeps its newest
+        kept = stored_ids(outbox)
+        assert 0 < len(kept) < len(big)
+        assert kept == big[-len(kept) :]
+        stats = outbox.stats()
+        detections = (2 + len(filled) - len(stored)) + len(stored) + len(big) - len(kept)
+        dropped = {"crop": 1, "detection": detections, "event": 1, "expired": 0}
+        assert stats.dropped == dropped
     with Outbox(db_path, limits) as reopened:  # the counters are in the database
-        assert reopened.stats().dropped == {"crop": 1, "detection": 12, "event": 2, "expired": 0}
+        assert reopened.stats().dropped == dropped
 
 
 @pytest.mark.parametrize("drop_detections", [False, True])
 def test_random_workload_never_passes_the_cap(db_path: Path, drop_detections: bool) -> None:
     rng = random.Random(20240611)
-    limits = OutboxLimits(max_bytes=20_000, drop_detections_when_full=drop_detections)
+    limits = OutboxLimits(max_bytes=64 * 1024, drop_detections_when_full=drop_detections)
     enqueued: list[str] = []
     refused: list[OutboxMessage] = []
     accepted_detections: set[str] = set()
     published: set[str] = set()
+    most_over = -limits.max_bytes  # the most the files passed max_bytes by, less the batch just enqueued
     with Outbox(db_path, limits) as outbox:
         for round_ in range(300):
             items = [
-                message(f"{rng.choice('dddcce')}{round_}-{j}", size=rng.randint(1, 900))
+                message(f"{rng.choice('dddcce')}{round_}-{j}", size=rng.randint(1, 2500))
                 for j in range(rng.randint(1, 20))
             ]
             rejected: tuple[OutboxMessage, ...] = ()
@@ -254,6 +339,9 @@ def test_random_workload_never_passes_the_cap(db_path: Path, drop_detections: bo
                 outbox.enqueue(items)
             except OutboxFullError as full:
                 rejected = full.rejected
+            most_over = max(
+                most_over, sum(on_disk(db_path)) - limits.max_bytes - sum(len(m.payload) for m in items)
+            )
             refused += rejected
             enqueued += [m.msg_id for m in items]
             accepted_detections |= {m.msg_id for m in items if m.kind is not MessageKind.CROP} - {
@@ -261,14 +349,17 @@ def test_random_workload_never_passes_the_cap(db_path: Path, drop_detections: bo
             }
             if rng.random() < 0.3:  # the publisher drains a few
                 rows = outbox.peek(rng.randint(1, 15))
-                outbox.delete(row.seq for row in rows)
+                outbox.acknowledge(rows)
                 published |= {row.message.msg_id for row in rows}
-            assert outbox.stats().bytes <= limits.max_bytes
+                most_over = max(most_over, sum(on_disk(db_path)) - limits.max_bytes)
+            assert on_disk(db_path)[0] <= limits.db_bytes
+            assert outbox.stats().bytes <= limits.room_bytes
         assert_totals_match_rows(outbox)
         kept = stored_ids(outbox)
         assert kept == [msg_id for msg_id in enqueued if msg_id in set(kept)]  # FIFO order, no duplicates
         stats = outbox.stats()
         assert stats.dropped["crop"] > 0
+    assert most_over <= 0  # never past max_bytes + the batch being enqueued; acknowledgements: max_bytes
     assert all(m.kind is not MessageKind.CROP for m in refused)
     if drop_detections:
         assert not refused
@@ -281,37 +372,51 @@ def test_random_workload_never_passes_the_cap(db_path: Path, drop_detections: bo
 
 @pytest.mark.parametrize(
     ("cap", "crops", "crop_bytes", "detection_bytes"),
-    [(1_000_000, 10, 10_000, 300), (64 * 1024, 3, 9_000, 800)],  # the second: the agent's smallest cap
+    [(1_000_000, 10, 10_000, 300), (64 * 1024, 3, 9_000, 400)],  # the second: the agent's smallest cap
 )
-def test_files_on_disk_stay_within_the_documented_bound(
+def test_files_on_disk_never_pass_the_cap_plus_one_batch(
     db_path: Path, cap: int, crops: int, crop_bytes: int, detection_bytes: int
 ) -> None:
     limits = OutboxLimits(max_bytes=cap)
-    wal_path = Path(f"{db_path}-wal")
     batch_bytes = crops * crop_bytes + 5 * detection_bytes
-    most_stored, most_on_disk = 0, 0
+    most_on_disk, largest_db, largest_wal = 0, 0, 0
     with Outbox(db_path, limits) as outbox:
         for round_ in range(300):
             outbox.enqueue(
                 [message(f"c{round_}-{j}", size=crop_bytes) for j in range(crops)]
                 + [message(f"d{round_}-{j}", size=detection_bytes) for j in range(5)]
             )
-            if round_ % 10 == 0:  # the publisher keeps up with detections, not with crops
-                outbox.delete(
-                    row.seq for row in all_rows(outbox) if row.message.kind is MessageKind.DETECTION
+            db, wal = on_disk(db_path)
+            if round_ % 5 == 0:  # the publisher keeps up with detections, not with crops
+                outbox.acknowledge(
+                    [row for row in all_rows(outbox) if row.message.kind is MessageKind.DETECTION]
                 )
-            stats = outbox.stats()
-            assert stats.bytes <= cap
-            most_stored = max(most_stored, stats.depth)
-            on_disk = db_path.stat().st_size + (wal_path.stat().st_size if wal_path.exists() else 0)
-            most_on_disk = max(most_on_disk, on_disk)
-        bound = limits.disk_bound(batch_bytes, most_stored + crops + 5)
-        print(f"\ncap {cap}: at most {most_on_disk} B on disk (db + wal), bound {bound} B")
-        assert most_on_disk <= bound
-        # the WAL (checkpointed at wal_bytes) is no longer the largest part, as with a fixed 4 MiB
-        assert wal_path.stat().st_size <= 1.05 * (limits.wal_bytes + batch_bytes) + 1536 * (crops + 5)
+                db, wal = max(db, on_disk(db_path)[0]), max(wal, on_disk(db_path)[1])
+            most_on_disk = max(most_on_disk, db + wal)
+            largest_db, largest_wal = max(largest_db, db), max(largest_wal, wal)
+            assert outbox.stats().bytes <= limits.room_bytes
+        print(
+            f"\ncap {cap}: at most {most_on_disk} B on disk (db + wal), cap + batch {cap + batch_bytes} B; "
+            f"largest db file {largest_db} B (its share {limits.db_bytes}), largest WAL {largest_wal} B"
+        )
+        assert most_on_disk <= cap + batch_bytes
+        assert largest_db <= limits.db_bytes
         assert outbox.stats().dropped["crop"] > 200
         assert outbox.stats().dropped["detection"] == 0
+        assert outbox.stats().bytes > limits.room_bytes // 2  # the cap is not met by keeping the file empty
+
+
+def test_a_file_over_its_pages_is_vacuumed_when_opened_with_a_lower_cap(db_path: Path) -> None:
+    with Outbox(db_path, OutboxLimits(max_bytes=1_000_000)) as outbox:
+        outbox.enqueue(batch(*(f"c{i}" for i in range(40)), size=10_000))
+        outbox.delete(row.seq for row in all_rows(outbox)[:-2])
+    assert on_disk(db_path)[0] > 400_000
+    limits = OutboxLimits(max_bytes=64 * 1024)
+    with Outbox(db_path, limits) as reopened:
+        assert on_disk(db_path)[0] <= limits.db_bytes
+        assert stored_ids(reopened) == ["c38", "c39"]
+        reopened.enqueue(batch("c40", size=10_000))
+        assert sum(on_disk(db_path)) <= limits.max_bytes + 10_000
 
 
 # The schema of the first outbox files (user_version 1), as they may still be on a device.

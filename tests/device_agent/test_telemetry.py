@@ -173,15 +173,16 @@ def detection(msg_id: str, size: int = 100, created_at: float | None = None) -> 
 
 
 def test_outbox_stats_and_drops_come_from_a_real_outbox(tmp_path: Path) -> None:
-    with Outbox(tmp_path / "outbox.db", OutboxLimits(max_bytes=500, max_age_s=60.0)) as outbox:
-        outbox.enqueue([crop(f"c{i}") for i in range(5)])
-        outbox.enqueue([detection("d0"), detection("d1")])  # makes room: the 2 oldest crops go
-        outbox.enqueue([detection("old", created_at=time.time() - 3600)])  # makes room: 1 more crop goes
+    # 32 KiB on disk: 16 KiB of it the WAL's, 5.5 KiB the schema, the rest five messages of 1.5 kB
+    with Outbox(tmp_path / "outbox.db", OutboxLimits(max_bytes=32 * 1024, max_age_s=60.0)) as outbox:
+        outbox.enqueue([crop(f"c{i}", 1500) for i in range(5)])
+        outbox.enqueue([detection("d0", 1500), detection("d1", 1500)])  # makes room: the 2 oldest crops go
+        outbox.enqueue([detection("old", 1500, time.time() - 3600)])  # makes room: 1 more crop goes
         assert outbox.expire() == 1
         stats = outbox.stats()
     report = TelemetryCollector(DEVICE).snapshot(stats, frames_dropped=7)
 
-    assert (report.outbox.depth, report.outbox.bytes) == (stats.depth, stats.bytes) == (4, 400)
+    assert (report.outbox.depth, report.outbox.bytes) == (stats.depth, stats.bytes) == (4, 6000)
     assert report.outbox.dropped == {"crops": 3, "detections": 0, "events": 0, "expired": 1}
     assert report.frames_dropped == 7
     assert (report.outbox.crops_waiting, report.outbox.crops_held) == (2, False)
