@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, Insert, Table, create_engine, event
+from sqlalchemy import DateTime, Engine, Insert, Table, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
@@ -62,6 +62,10 @@ class Database:
         self._read = sessionmaker(self.engine, expire_on_commit=False)
         self._write = sessionmaker(self.write_engine, expire_on_commit=False)
 
+    def read_session(self) -> Session:
+        """A new read session (it connects on its first query); the caller closes it."""
+        return self._read()
+
     @contextmanager
     def read(self) -> Iterator[Session]:
         """A session for reading; rolled back at the end."""
@@ -93,16 +97,24 @@ class Database:
         return postgresql.insert(table).on_conflict_do_nothing(index_elements=list(key))
 
     def insert_ignore_many(
-        self, session: Session, table: Table, key: Sequence[str], rows: Sequence[Mapping[str, Any]]
-    ) -> None:
-        """`insert_ignore` of many rows (all with the same keys) as one driver-level executemany.
+        self,
+        session: Session,
+        table: Table,
+        key: Sequence[str],
+        rows: Sequence[Mapping[str, Any]],
+        converted: dict[Any, Any] | None = None,
+    ) -> int:
+        """`insert_ignore` of many rows (all with the same keys) as one driver-level executemany; returns
+        how many rows were inserted (the others' keys were there already).
 
         SQLAlchemy compiles and processes the parameters of every row of an executemany, which costs several
         times what SQLite then spends inserting them (benchmarks/fleet.py). Here each column's bind processor
-        (e.g. datetime to text on SQLite) is looked up once and applied in a plain loop.
+        (e.g. datetime to text on SQLite) is looked up once and applied in a plain loop; datetimes are
+        converted once per value, in `converted` (share it between the calls of one transaction: a
+        detection event and its objects have the same receive time).
         """
         if not rows:
-            return
+            return 0
         columns = list(rows[0])
         dialect = self.engine.dialect
         quote = dialect.identifier_preparer.quote
@@ -112,18 +124,31 @@ class Database:
             f"VALUES ({', '.join([marker] * len(columns))}) "
             f"ON CONFLICT ({', '.join(quote(k) for k in key)}) DO NOTHING"
         )
+        converted = {} if converted is None else converted
         processors = [
-            (index, processor)
+            (index, processor, _is_datetime(table.c[name].type))
             for index, name in enumerate(columns)
             if (processor := table.c[name].type.dialect_impl(dialect).bind_processor(dialect)) is not None
         ]
         parameters: list[tuple[Any, ...]] = []
         for row in rows:
             values = [row[name] for name in columns]
-            for index, processor in processors:
-                values[index] = processor(values[index])
+            for index, processor, memo in processors:
+                value = values[index]
+                if not memo:
+                    values[index] = processor(value)
+                elif (done := converted.get(value)) is not None:
+                    values[index] = done
+                else:
+                    values[index] = converted[value] = processor(value)
             parameters.append(tuple(values))
-        session.connection().exec_driver_sql(sql, parameters)
+        result = session.connection().exec_driver_sql(sql, parameters)
+        return int(result.rowcount)
+
+
+def _is_datetime(column_type: Any) -> bool:
+    """A DateTime column, also behind a TypeDecorator (such as `UtcDateTime`)."""
+    return isinstance(getattr(column_type, "impl_instance", column_type), DateTime)
 
 
 def _sqlite_setup(engine: Engine) -> None:

@@ -124,6 +124,7 @@ class _Batch:
     crops: dict[str, dict[str, Any]] = field(default_factory=dict)
     counts: Counter[str] = field(default_factory=Counter)
     in_batch_duplicates: Counter[str] = field(default_factory=Counter)
+    converted: dict[Any, Any] = field(default_factory=dict)  # bind values, shared by the batch's inserts
 
     def device(self, device_id: str) -> _DeviceUpdate:
         update = self.devices.get(device_id)
@@ -418,11 +419,14 @@ class Ingestor:
             self._write_devices(session, batch.devices, stored)
         if batch.samples:
             session.execute(insert(TelemetrySample), batch.samples)
-        self._insert_new(session, Detection, "msg_id", batch.detections, "detections", stored, duplicates)
-        if batch.objects:
-            self._insert_new(session, DetectionObject, "det_id", batch.objects, None, stored, duplicates)
-        self._insert_new(session, Refinement, "det_id", batch.refined, "refined", stored, duplicates)
-        self._insert_new(session, Crop, "det_id", batch.crops, "crops", stored, duplicates)
+        for model, key, rows, kind in (
+            (Detection, "msg_id", batch.detections, "detections"),
+            (DetectionObject, "det_id", batch.objects, None),
+            (Refinement, "det_id", batch.refined, "refined"),
+            (Crop, "det_id", batch.crops, "crops"),
+        ):
+            if rows:
+                self._insert_new(session, model, key, rows, kind, stored, duplicates, batch.converted)
 
     def _insert_new(
         self,
@@ -433,24 +437,17 @@ class Ingestor:
         kind: str | None,
         stored: Counter[str],
         duplicates: Counter[str],
+        converted: dict[Any, Any],
     ) -> None:
-        if not rows:
-            return
-        column = getattr(model, key)
-        existing: set[str] = set()
-        keys = list(rows) if kind is not None else []  # uncounted rows: ON CONFLICT alone drops duplicates
-        for start in range(0, len(keys), 500):
-            chunk = keys[start : start + 500]
-            existing.update(session.execute(select(column).where(column.in_(chunk))).scalars())
-        fresh = [row for k, row in rows.items() if k not in existing]
-        if fresh:
-            # ON CONFLICT DO NOTHING still guards against a concurrent writer inserting the same key.
-            self.db.insert_ignore_many(session, model.__table__, [key], fresh)
+        # ON CONFLICT DO NOTHING drops the keys stored already (by an earlier batch, or a concurrent writer);
+        # the rows it inserted (the driver's rowcount, summed over the executemany) are the new ones, the
+        # rest duplicates: no SELECT of the keys first (a query per 500 keys, per table and batch).
+        inserted = self.db.insert_ignore_many(session, model.__table__, [key], list(rows.values()), converted)
         if kind is not None:
-            if fresh:
-                stored[kind] += len(fresh)
-            if existing:
-                duplicates[kind] += len(existing)
+            if inserted:
+                stored[kind] += inserted
+            if inserted < len(rows):
+                duplicates[kind] += len(rows) - inserted
 
     def _write_devices(
         self, session: Session, updates: dict[str, _DeviceUpdate], stored: Counter[str]

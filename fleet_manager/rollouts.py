@@ -41,12 +41,12 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from sqlalchemy import and_, delete, exists, func, or_, select, update
+from sqlalchemy import Table, and_, bindparam, delete, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer, lazyload
 
 from fleet_manager import audit
 from fleet_manager.db import Database
@@ -557,13 +557,11 @@ class RolloutController:
             elif self.publisher.publish_desired(device_id, payload):
                 done.append((row_id, seq))
                 published += 1
-        with self.db.write() as session:
-            for row_id, seq in done:
-                # Only if no newer payload was decided meanwhile (that one is published next time).
-                session.execute(
-                    update(RolloutDevice)
-                    .where(RolloutDevice.id == row_id, RolloutDevice.desired_seq == seq)
-                    .values(publish_pending=False)
+        if done:
+            with self.db.write() as session:
+                # One executemany: a statement per row cost more than the publishing (1,000-device wave).
+                session.connection().execute(
+                    _CLEAR_PUBLISH_PENDING, [{"row_id": row_id, "seq": seq} for row_id, seq in done]
                 )
         return published
 
@@ -1009,12 +1007,31 @@ class RolloutController:
 
     @staticmethod
     def _devices(session: Session, ids: list[str]) -> dict[str, Device]:
+        """The devices, without what the controller never reads (their JSON columns and tags: two thirds of
+        a tick's CPU for 1,000 devices, and a tick follows every ingested batch of OTA reports)."""
         devices: dict[str, Device] = {}
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
-            for device in session.execute(select(Device).where(Device.id.in_(chunk))).scalars():
+            query = select(Device).where(Device.id.in_(chunk)).options(*_DEVICE_STATE_ONLY)
+            for device in session.execute(query).scalars():
                 devices[device.id] = device
         return devices
+
+
+# Only if no newer payload was decided meanwhile (that one is published next time).
+_ROLLOUT_DEVICES = cast(Table, RolloutDevice.__table__)
+_CLEAR_PUBLISH_PENDING = (
+    update(_ROLLOUT_DEVICES)
+    .where(_ROLLOUT_DEVICES.c.id == bindparam("row_id"), _ROLLOUT_DEVICES.c.desired_seq == bindparam("seq"))
+    .values(publish_pending=False)
+)
+
+_DEVICE_STATE_ONLY = (
+    defer(Device.telemetry),
+    defer(Device.hardware),
+    defer(Device.providers),
+    lazyload(Device.tags),
+)
 
 
 def _running_model(device: Device) -> tuple[str | None, str | None]:

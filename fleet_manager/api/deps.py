@@ -1,10 +1,19 @@
-"""FastAPI dependencies as Annotated types: the service, a database session, the caller and their role."""
+"""FastAPI dependencies as Annotated types: the service, a database session, the caller and their role.
+
+Every sync dependency costs a hop to the worker thread pool (and back to the event loop), and under load
+each hop waits its turn for the interpreter lock behind the other workers. So the dependencies that do no
+I/O are `async` (they run on the event loop, no hop), the request's read session is created without
+connecting (it connects on its first query), and the token lookup shares that session: one hop for
+authentication before the endpoint's own.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
+import anyio
+import anyio.to_thread
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
@@ -19,7 +28,7 @@ bearer_scheme = HTTPBearer(
 )
 
 
-def get_service(request: Request) -> FleetService:
+async def get_service(request: Request) -> FleetService:
     service: FleetService = request.app.state.fleet
     return service
 
@@ -27,17 +36,29 @@ def get_service(request: Request) -> FleetService:
 ServiceDep = Annotated[FleetService, Depends(get_service)]
 
 
-def get_session(service: ServiceDep) -> Iterator[Session]:
-    """A read session for the request (rolled back at the end; writes go through the core modules)."""
-    with service.db.read() as session:
+async def get_session(service: ServiceDep) -> AsyncIterator[Session]:
+    """A read session for the request (rolled back at the end; writes go through the core modules).
+
+    Creating it does no I/O; closing it returns its connection (a rollback) on a worker thread, and only
+    when it opened one.
+    """
+    session = service.db.read_session()
+    try:
         yield session
+    finally:
+        if session.in_transaction():
+            # Not on the routes' pool: a request holding a connection must never wait for a worker that
+            # may itself be waiting for a connection (FastAPI closes its own dependencies the same way).
+            await anyio.to_thread.run_sync(session.close, limiter=anyio.CapacityLimiter(1))
+        else:
+            session.close()
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
 def get_principal(
-    service: ServiceDep,
+    session: SessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
 ) -> Principal:
     if credentials is None:
@@ -47,8 +68,12 @@ def get_principal(
             "(make one with `edgefleet fleet token create`)",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    with service.db.read() as session:
+    try:
         principal = authenticate(session, credentials.credentials)
+    finally:
+        # Give the connection back until the endpoint runs: the request may wait for a worker thread in
+        # between, and connections held by waiting requests would leave the busy workers none to take.
+        session.rollback()
     if principal is None:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
@@ -67,7 +92,7 @@ class RequireRole:
     def __init__(self, role: Role) -> None:
         self.role = role
 
-    def __call__(self, principal: PrincipalDep) -> Principal:
+    async def __call__(self, principal: PrincipalDep) -> Principal:
         if not principal.role.allows(self.role):
             raise HTTPException(
                 status.HTTP_403_FORBIDDEN,

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+from fastapi import Response
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic_core import to_json
 
+from fleet_manager.devices import DeviceSummary
 from fleet_manager.models import (
     ApiToken,
     AuditEntry,
@@ -18,6 +22,15 @@ from fleet_manager.models import (
     TelemetrySample,
 )
 from fleet_manager.rollouts import WaveProgress
+
+
+def json_response(content: BaseModel | Sequence[BaseModel]) -> Response:
+    """`content` (built as the route's `response_model`) serialized once, as the response.
+
+    Returned by the read routes: FastAPI validates a returned model against `response_model` again, on a
+    second trip through the worker thread pool, before it serializes it; a Response goes out as it is.
+    """
+    return Response(to_json(content), media_type="application/json")
 
 
 class ModelRefOut(BaseModel):
@@ -43,7 +56,7 @@ class DeviceOut(BaseModel):
     telemetry_at: datetime | None
 
     @classmethod
-    def of(cls, d: Device) -> DeviceOut:
+    def of(cls, d: Device | DeviceSummary) -> DeviceOut:
         return cls(
             id=d.id,
             group=d.group_name,

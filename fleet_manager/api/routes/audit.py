@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
 
 from fleet_manager import audit
 from fleet_manager.api.deps import SessionDep, ViewerDep
-from fleet_manager.api.schemas import AuditOut
+from fleet_manager.api.schemas import AuditOut, json_response
 
 router = APIRouter(prefix="/api/v1/audit", tags=["audit"])
 
@@ -21,8 +21,8 @@ def audit_log(
     target_id: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     before_id: Annotated[int | None, Query(description="Page: entries older than this id.")] = None,
-) -> list[AuditOut]:
+) -> Response:
     rows = audit.entries(
         session, target_type=target_type, target_id=target_id, limit=limit, before_id=before_id
     )
-    return [AuditOut.of(e) for e in rows]
+    return json_response([AuditOut.of(e) for e in rows])

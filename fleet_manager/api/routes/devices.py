@@ -22,15 +22,17 @@ from fleet_manager.api.schemas import (
     ProvisionIn,
     ProvisionOut,
     TelemetrySampleOut,
+    json_response,
 )
 from fleet_manager.devices import (
     DeviceFilter,
     DeviceNotFoundError,
     get_crop,
     get_device,
-    list_devices,
+    list_device_summaries,
     ota_history,
     recent_detections,
+    require_device,
     telemetry_history,
 )
 from fleet_manager.models import Device
@@ -59,14 +61,14 @@ def devices_list(
     q: Annotated[str | None, Query(max_length=64, description="Device id prefix.")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0)] = 0,
-) -> DevicePage:
+) -> Response:
     try:
         tags = parse_tags(tag or [])
     except ProvisioningError as error:
         raise HTTPException(422, str(error)) from None
     flt = DeviceFilter(group=group, tags=tags, state=state, model=model, search=q)
-    total, rows = list_devices(session, flt, limit=limit, offset=offset)
-    return DevicePage(total=total, items=[DeviceOut.of(d) for d in rows])
+    total, rows = list_device_summaries(session, flt, limit=limit, offset=offset)
+    return json_response(DevicePage(total=total, items=[DeviceOut.of(d) for d in rows]))
 
 
 @router.get("/devices/{device_id}", response_model=DeviceDetail, summary="One device with its history")
@@ -76,10 +78,10 @@ def device_detail(
     device_id: str,
     since: Annotated[datetime | None, Query(description="Telemetry history from this time.")] = None,
     history: Annotated[int, Query(ge=0, le=10_000, description="Most telemetry samples.")] = 500,
-) -> DeviceDetail:
+) -> Response:
     device = _device(session, device_id)
     base = DeviceOut.of(device).model_dump()
-    return DeviceDetail(
+    detail = DeviceDetail(
         **base,
         created_at=device.created_at,
         status_at=device.status_at,
@@ -92,14 +94,18 @@ def device_detail(
         ],
         ota_history=[OtaEventOut.of(e) for e in ota_history(session, device_id)],
     )
+    return json_response(detail)
 
 
 @router.get("/devices/{device_id}/detections", response_model=list[DetectionOut], summary="Recent detections")
 def device_detections(
     _: ViewerDep, session: SessionDep, device_id: str, limit: Annotated[int, Query(ge=1, le=500)] = 50
-) -> list[DetectionOut]:
-    _device(session, device_id)
-    return [
+) -> Response:
+    try:
+        require_device(session, device_id)
+    except DeviceNotFoundError as error:
+        raise HTTPException(404, str(error)) from None
+    detections = [
         DetectionOut(
             msg_id=v.event.msg_id,
             ts=v.event.ts,
@@ -110,10 +116,13 @@ def device_detections(
             width=v.event.width,
             height=v.event.height,
             timing_ms=v.event.timing_ms,
-            objects=[DetectionObjectOut(**o) for o in v.objects],
+            objects=[
+                DetectionObjectOut.model_construct(**o) for o in v.objects
+            ],  # typed columns: no validation
         )
         for v in recent_detections(session, device_id, limit=limit)
     ]
+    return json_response(detections)
 
 
 @router.get(

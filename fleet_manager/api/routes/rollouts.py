@@ -4,10 +4,17 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, status
+from fastapi import APIRouter, Query, Response, status
 
 from fleet_manager.api.deps import OperatorDep, ServiceDep, ViewerDep
-from fleet_manager.api.schemas import RolloutActionIn, RolloutDetail, RolloutDeviceOut, RolloutOut, WaveOut
+from fleet_manager.api.schemas import (
+    RolloutActionIn,
+    RolloutDetail,
+    RolloutDeviceOut,
+    RolloutOut,
+    WaveOut,
+    json_response,
+)
 from fleet_manager.rollouts import RolloutController, RolloutSpec
 
 router = APIRouter(prefix="/api/v1/rollouts", tags=["rollouts"])
@@ -27,9 +34,9 @@ def list_rollouts(
     state: Annotated[list[str] | None, Query(description="Only these states; repeat for several.")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0)] = 0,
-) -> list[RolloutOut]:
+) -> Response:
     rollouts = service.controller.list_rollouts(states=state, limit=limit, offset=offset)
-    return [RolloutOut.of(r) for r in rollouts]
+    return json_response([RolloutOut.of(r) for r in rollouts])
 
 
 @router.post(
@@ -50,13 +57,14 @@ def create_rollout(spec: RolloutSpec, principal: OperatorDep, service: ServiceDe
 @router.get(
     "/{rollout_id}", response_model=RolloutDetail, responses=_ERRORS, summary="A rollout with its waves"
 )
-def get_rollout(rollout_id: str, _: ViewerDep, service: ServiceDep) -> RolloutDetail:
+def get_rollout(rollout_id: str, _: ViewerDep, service: ServiceDep) -> Response:
     rollout, rows = service.controller.get(rollout_id)
-    return RolloutDetail(
+    detail = RolloutDetail(
         **RolloutOut.of(rollout).model_dump(),
         wave_progress=[WaveOut.of(w) for w in RolloutController.progress(rollout, rows)],
         devices=[RolloutDeviceOut.of(r) for r in rows],
     )
+    return json_response(detail)
 
 
 @router.post("/{rollout_id}/pause", response_model=RolloutOut, responses=_ERRORS, summary="Pause")
