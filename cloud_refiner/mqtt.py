@@ -30,7 +30,14 @@ from cloud_refiner.service import (
     RejectReason,
 )
 from fleet_protocol.errors import ProtocolError
-from fleet_protocol.mqtt import Message, MessageProperties, MqttSession, MqttSettings, PublishHandle
+from fleet_protocol.mqtt import (
+    Message,
+    MessageProperties,
+    MqttSession,
+    MqttSettings,
+    PublishHandle,
+    session_settings,
+)
 from fleet_protocol.payloads import CropMeta, LabelScore, ModelRef, RefinedPayload, encode
 from fleet_protocol.topics import TopicKind, Topics
 
@@ -93,19 +100,10 @@ def parse_crop(message: Message, topics: Topics) -> IncomingCrop:
 
 def mqtt_settings(settings: RefinerSettings) -> MqttSettings:
     broker = settings.broker
-    return MqttSettings(
-        host=broker.host,
-        port=broker.port,
-        client_id=settings.client_id,
-        username=broker.username,
-        password=broker.password.get_secret_value() if broker.password else None,
-        tls_ca=broker.tls_ca,
-        tls_cert=broker.tls_cert,
-        tls_key=broker.tls_key,
-        keepalive_s=broker.keepalive_s,
-        session_expiry_s=broker.session_expiry_s,
+    return session_settings(
+        broker,
+        settings.client_id,
         clean_start=False,
-        topic_root=broker.topic_root,
         manual_ack=True,
         receive_maximum=broker.receive_maximum,
     )

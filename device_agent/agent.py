@@ -39,6 +39,7 @@ from fleet_protocol.mqtt import (
     OutgoingMessage,
     PublishHandle,
     PublishingSession,
+    session_settings,
 )
 from fleet_protocol.onnx_model import SessionOptions
 from fleet_protocol.payloads import (
@@ -390,19 +391,10 @@ def _outbox_limits(settings: AgentSettings) -> OutboxLimits:
 
 def _mqtt_settings(settings: AgentSettings) -> MqttSettings:
     broker = settings.broker
-    return MqttSettings(
-        host=broker.host,
-        port=broker.port,
-        client_id=settings.device_id,
-        username=broker.username,
-        password=broker.password.get_secret_value() if broker.password else None,
-        tls_ca=broker.tls_ca,
-        tls_cert=broker.tls_cert,
-        tls_key=broker.tls_key,
-        keepalive_s=broker.keepalive_s,
-        session_expiry_s=broker.session_expiry_s,
+    return session_settings(
+        broker,
+        settings.device_id,
         max_inflight=settings.outbox.inflight,
-        topic_root=broker.topic_root,
         reconnect_min_delay_s=broker.reconnect_min_s,
         reconnect_max_delay_s=broker.reconnect_max_s,
     )

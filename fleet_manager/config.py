@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from fleet_protocol.mqtt import MqttSettings
+from fleet_protocol.mqtt import MqttSettings, session_settings
 from fleet_protocol.settings import ConfigError as ConfigError
 from fleet_protocol.settings import YamlFileSettings, load_yaml_settings
 from fleet_protocol.topics import DEFAULT_ROOT, Topics
@@ -51,19 +51,7 @@ class BrokerSettings(BaseModel):
         return value
 
     def mqtt_settings(self) -> MqttSettings:
-        return MqttSettings(
-            host=self.host,
-            port=self.port,
-            client_id=self.client_id,
-            username=self.username,
-            password=self.password.get_secret_value() if self.password else None,
-            tls_ca=self.tls_ca,
-            tls_cert=self.tls_cert,
-            tls_key=self.tls_key,
-            keepalive_s=self.keepalive_s,
-            session_expiry_s=self.session_expiry_s,
-            topic_root=self.topic_root,
-        )
+        return session_settings(self, self.client_id)
 
 
 class MosquittoSettings(BaseModel):

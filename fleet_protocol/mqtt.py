@@ -39,7 +39,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from fleet_protocol.topics import DEFAULT_ROOT
 
@@ -81,6 +81,49 @@ class MqttSettings(BaseModel):
     @property
     def uses_tls(self) -> bool:
         return any(path is not None for path in (self.tls_ca, self.tls_cert, self.tls_key))
+
+
+class BrokerConnection(Protocol):
+    """Where and as whom to connect: each component's broker settings (with its own descriptions)."""
+
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def username(self) -> str | None: ...
+    @property
+    def password(self) -> SecretStr | None: ...
+    @property
+    def tls_ca(self) -> Path | None: ...
+    @property
+    def tls_cert(self) -> Path | None: ...
+    @property
+    def tls_key(self) -> Path | None: ...
+    @property
+    def keepalive_s(self) -> int: ...
+    @property
+    def session_expiry_s(self) -> int: ...
+    @property
+    def topic_root(self) -> str: ...
+
+
+def session_settings(broker: BrokerConnection, client_id: str, **extra: Any) -> MqttSettings:
+    """The `MqttSettings` of a component's broker settings; `extra`: other MqttSettings fields."""
+    return MqttSettings(
+        host=broker.host,
+        port=broker.port,
+        client_id=client_id,
+        username=broker.username,
+        password=broker.password.get_secret_value() if broker.password else None,
+        tls_ca=broker.tls_ca,
+        tls_cert=broker.tls_cert,
+        tls_key=broker.tls_key,
+        keepalive_s=broker.keepalive_s,
+        session_expiry_s=broker.session_expiry_s,
+        topic_root=broker.topic_root,
+        **extra,
+    )
 
 
 @dataclass(frozen=True, slots=True)
