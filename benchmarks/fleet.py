@@ -1,7 +1,7 @@
 """The fleet manager at scale: ingest rate, API latency under load, rollout convergence for 1,000 devices.
 
     .venv/bin/python -m benchmarks.fleet [--only ingest,api,rollout] [--messages 50000] [--publishers 100]
-        [--clients 100] [--client-rate 1] [--api-seconds 15] [--devices 1000]
+        [--clients 100] [--client-rate 1] [--api-seconds 15] [--devices 1000] [--sim-processes 0]
 
 Everything real: a private `mosquitto`, `edgefleet fleet serve` as a process on a fresh SQLite database,
 `edgefleet sim` for the devices. Each figure is printed beside a bare baseline:
@@ -23,6 +23,8 @@ Everything real: a private `mosquitto`, `edgefleet fleet serve` as a process on 
   model session: see docs/sim.md) on v1 of a registered model; a rollout of v2 (3.5 MB) to all of them in
   one wave, timed from the API call until every device reported `active` on v2 (seen on MQTT), and until
   the rollout is `completed`. Baseline: the same rollout to one device. Target: <= 60 s for 1,000 devices.
+  The devices run in one simulator process per core (`--sim-processes`; at least 250 devices each), side by
+  side with `--first`: one interpreter cannot use two cores. Also printed: each OTA step's median/p95.
 
 Everything shares this machine's cores: the broker, the fleet manager, the load generator, and (for the
 rollout) a thousand simulated devices in one process.
@@ -80,6 +82,7 @@ ROOT = "bench/v1"
 INGEST_TARGET = 5_000.0
 API_TARGET_MS = 100.0
 ROLLOUT_TARGET_S = 60.0
+DEVICES_PER_SIMULATOR = 250  # at least this many devices per simulator process (see simulator_processes)
 
 
 # ---- processes ------------------------------------------------------------------------------------------
@@ -633,14 +636,25 @@ def bench_api(args: argparse.Namespace, server: FleetServer, devices: list[str])
 # ---- rollout -----------------------------------------------------------------------------------------
 
 
+# The OTA steps a device reports on its way to the new model, in order (for the per-step breakdown).
+STEPS = (
+    OtaState.DOWNLOADING,
+    OtaState.VERIFYING,
+    OtaState.STAGING,
+    OtaState.ACTIVATING,
+    OtaState.ACTIVE,
+)
+
+
 class Reports:
-    """When each device first reported `active` on the target version, and when it was sent its desired."""
+    """When each device was sent its desired model, and first reported each OTA step on the target version."""
 
     def __init__(self, version: str) -> None:
         self.version = version
         self.active: dict[str, float] = {}
         self.desired: dict[str, float] = {}
         self.failed: dict[str, str] = {}
+        self.steps: dict[str, dict[OtaState, float]] = {}
         self.changed = threading.Condition()
 
     def __call__(self, message: Message) -> None:
@@ -652,6 +666,8 @@ class Reports:
                 return
             report = decode(ModelReported, message.payload)
             on_target = report.model is not None and report.model.version == self.version
+            if on_target and not message.retain:
+                self.steps.setdefault(device_id, {}).setdefault(report.state, now)
             if on_target and report.state is OtaState.ACTIVE and not message.retain:
                 self.active.setdefault(device_id, now)
             elif on_target and report.state is OtaState.FAILED:
@@ -661,6 +677,26 @@ class Reports:
     def wait(self, count: int, timeout: float) -> bool:
         with self.changed:
             return self.changed.wait_for(lambda: len(self.active) + len(self.failed) >= count, timeout)
+
+    def step_times(self) -> str:
+        """Median and p95 seconds of each step (desired → downloading → verifying → ... → active)."""
+        with self.changed:
+            spans: dict[str, list[float]] = {}
+            for device_id, seen in self.steps.items():
+                if OtaState.DOWNLOADING not in seen:
+                    continue  # already on the target: nothing to install
+                previous = ("sent", self.desired.get(device_id))
+                for step in STEPS:
+                    at = seen.get(step)
+                    if at is None:
+                        continue
+                    if previous[1] is not None:
+                        spans.setdefault(f"{previous[0]}->{step.value}", []).append(at - previous[1])
+                    previous = (step.value, at)
+        return "   ".join(
+            f"{name} {percentile(values, 0.5):.2f}/{percentile(values, 0.95):.2f}"
+            for name, values in spans.items()
+        )
 
 
 def register_models(workdir: Path) -> tuple[str, Any, Any, bytes, dict[str, str]]:
@@ -715,8 +751,85 @@ def rollout_once(
     }
 
 
+def simulator_processes(args: argparse.Namespace) -> int:
+    """How many `edgefleet sim` processes share the devices: one interpreter lock cannot use two cores, and
+    its hand-overs between a thousand devices' threads cost more the more threads share it."""
+    if args.sim_processes > 0:
+        return int(args.sim_processes)
+    return max(1, min(os.cpu_count() or 1, int(args.devices) // DEVICES_PER_SIMULATOR))
+
+
+def start_simulators(
+    args: argparse.Namespace,
+    folder: Path,
+    trust: Path,
+    broker: MosquittoBroker,
+    model_ref: str,
+    token: str,
+) -> list[subprocess.Popen[bytes]]:
+    """The devices sim-0000 … in `simulator_processes` side-by-side simulators (`--first`), each logging
+    to its own sim-<k>.log."""
+    count = simulator_processes(args)
+    sims: list[subprocess.Popen[bytes]] = []
+    for index in range(count):
+        first = args.devices * index // count
+        devices = args.devices * (index + 1) // count - first
+        sim_args = [
+            EDGEFLEET,
+            "sim",
+            "--devices",
+            str(devices),
+            "--first",
+            str(first),
+            "--model",
+            str(SHARED / "models" / "yolov8n_int8.onnx"),
+            "--model-ref",
+            model_ref,
+            "--data-dir",
+            str(folder / "devices"),
+            "--trust-store",
+            str(trust),
+            "--broker-port",
+            str(broker.port),
+            "--topic-root",
+            ROOT,
+            "--rate",
+            "0.05",
+            "--telemetry-interval",
+            "10",
+            "--probation-s",
+            "1",
+            "--probation-frames",
+            "2",
+            "--fps",
+            "2",
+            "--connect-rate",
+            str(500 / count),
+            "--report-every",
+            "10",
+        ]
+        with (folder / f"sim-{index}.log").open("ab") as log:
+            sims.append(
+                subprocess.Popen(
+                    sim_args, env={**os.environ, "EDGEFLEET_SIM_TOKEN": token}, stdout=log, stderr=log
+                )
+            )
+    return sims
+
+
+def sims_cpu(sims: list[subprocess.Popen[bytes]]) -> float:
+    return sum(cpu_seconds(sim.pid) for sim in sims)
+
+
+def sims_stats(sims: list[subprocess.Popen[bytes]]) -> str:
+    return f"{len(sims)} process(es): " + "; ".join(proc_stats(sim.pid) for sim in sims)
+
+
 def bench_rollout(args: argparse.Namespace, workdir: Path, broker: MosquittoBroker) -> None:
-    print(f"\n== rollout: {args.devices} simulated devices (edgefleet sim), v1 -> v2 (3.5 MB), one wave")
+    print(
+        f"\n== rollout: {args.devices} simulated devices (edgefleet sim, {simulator_processes(args)} "
+        "process(es)), v1 -> v2 (3.5 MB), one wave"
+    )
     folder = workdir / "rollout"
     folder.mkdir()
     name, v1, v2, public_pem, registry_env = register_models(folder)
@@ -726,49 +839,16 @@ def bench_rollout(args: argparse.Namespace, workdir: Path, broker: MosquittoBrok
     server = FleetServer(folder, broker, registry_env)
     operator = server.token(Role.OPERATOR)
     server.start()
-    sim_log = folder / "sim.log"
-    sim_args = [
-        EDGEFLEET,
-        "sim",
-        "--devices",
-        str(args.devices),
-        "--model",
-        str(SHARED / "models" / "yolov8n_int8.onnx"),
-        "--model-ref",
-        f"{name}@{v1.version}",
-        "--data-dir",
-        str(folder / "devices"),
-        "--trust-store",
-        str(trust),
-        "--broker-port",
-        str(broker.port),
-        "--topic-root",
-        ROOT,
-        "--rate",
-        "0.05",
-        "--telemetry-interval",
-        "10",
-        "--probation-s",
-        "1",
-        "--probation-frames",
-        "2",
-        "--fps",
-        "2",
-        "--connect-rate",
-        "500",
-        "--report-every",
-        "10",
-    ]
-    with sim_log.open("ab") as log:
-        sim = subprocess.Popen(
-            sim_args, env={**os.environ, "EDGEFLEET_SIM_TOKEN": operator}, stdout=log, stderr=log
-        )
+    assert server.process is not None
+    fleet_pid = server.process.pid
+    sims = start_simulators(args, folder, trust, broker, f"{name}@{v1.version}", operator)
+    sim_log = folder / "sim-*.log"
     api = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {operator}"}, timeout=60)
     watcher: MqttSession | None = None
     try:
         started = time.perf_counter()
         while True:
-            if sim.poll() is not None:
+            if any(sim.poll() is not None for sim in sims):
                 raise SystemExit(f"edgefleet sim exited; see {sim_log}")
             page = api.get(
                 "/api/v1/devices", params={"state": "online", "model": f"{name}@{v1.version}", "limit": 1}
@@ -780,9 +860,10 @@ def bench_rollout(args: argparse.Namespace, workdir: Path, broker: MosquittoBrok
             time.sleep(0.5)
         print(
             f"  {args.devices} devices online in {time.perf_counter() - started:.1f} s; "
-            f"sim: {proc_stats(sim.pid)}"
+            f"sim: {sims_stats(sims)}"
         )
-        settle(sim.pid, quiet=0.6, timeout=20)
+        for sim in sims:
+            settle(sim.pid, quiet=0.6 / len(sims), timeout=20)
         spec = {
             "model": name,
             "version": v2.version,
@@ -813,19 +894,21 @@ def bench_rollout(args: argparse.Namespace, workdir: Path, broker: MosquittoBrok
             time.sleep(1.0)  # the retained messages arrive first
             with reports.changed:
                 reports.desired.clear()
-            cpu_before = cpu_seconds(sim.pid)
+            cpu_before = sims_cpu(sims), cpu_seconds(fleet_pid)
             figures = rollout_once(api, {**spec, "target": target}, reports, count, 600)
-            figures["sim cpu"] = cpu_seconds(sim.pid) - cpu_before
-            results.append((label, figures))
+            figures["sim cpu"] = sims_cpu(sims) - cpu_before[0]
+            figures["fleet cpu"] = cpu_seconds(fleet_pid) - cpu_before[1]
+            results.append((label, figures, reports.step_times()))
             watcher.disconnect()
             watcher = None
-        for label, figures in results:
+        for label, figures, steps in results:
             print(
                 f"  {label:<28} first desired +{figures['first desired']:5.2f} s"
                 f"   all active +{figures['all active']:6.1f} s"
                 f"   rollout completed +{figures['completed']:6.1f} s   failed {figures['failed']:.0f}"
-                f"   sim CPU {figures['sim cpu']:6.1f} s"
+                f"   sim CPU {figures['sim cpu']:6.1f} s   fleet manager CPU {figures['fleet cpu']:5.1f} s"
             )
+            print(f"  {'':<28} per step, median/p95 s: {steps}")
         total = results[-1][1]["all active"]
         moved = args.devices * v2.size / 1e9
         print(
@@ -833,17 +916,19 @@ def bench_rollout(args: argparse.Namespace, workdir: Path, broker: MosquittoBrok
             f"({moved:.1f} GB downloaded, verified, installed)   target <= {ROLLOUT_TARGET_S:.0f} s: "
             f"{'met' if total <= ROLLOUT_TARGET_S else 'NOT met'}"
         )
-        print(f"  sim at the end: {proc_stats(sim.pid)}")
+        print(f"  sim at the end: {sims_stats(sims)}")
     finally:
         if watcher is not None:
             watcher.disconnect()
         api.close()
-        sim.send_signal(signal.SIGTERM)
-        try:
-            sim.wait(120)
-        except subprocess.TimeoutExpired:
-            sim.kill()
-            sim.wait()
+        for sim in sims:
+            sim.send_signal(signal.SIGTERM)
+        for sim in sims:
+            try:
+                sim.wait(120)
+            except subprocess.TimeoutExpired:
+                sim.kill()
+                sim.wait()
         server.stop()
 
 
@@ -858,6 +943,12 @@ def main() -> None:
     parser.add_argument("--api-seconds", type=float, default=15.0)
     parser.add_argument("--client-rate", type=float, default=1.0, help="requests per second per API client")
     parser.add_argument("--devices", type=int, default=1000, help="simulated devices for the rollout")
+    parser.add_argument(
+        "--sim-processes",
+        type=int,
+        default=0,
+        help="simulator processes sharing the devices (0: one per core, at most one per 250 devices)",
+    )
     parser.add_argument("--dir", type=Path, default=Path("runs"), help="where the temporary files go")
     args = parser.parse_args()
     parts = {p.strip() for p in args.only.split(",") if p.strip()}

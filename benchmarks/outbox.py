@@ -1,7 +1,7 @@
 """The durable outbox, side by side in one run: enqueue msgs/s, and the drain to Mosquitto versus raw paho.
 
     .venv/bin/python benchmarks/outbox.py [--messages 20000] [--payload-bytes 400] [--window 100]
-        [--rounds 5] [--dir runs] [--full] [--stats-rows 10000 100000]
+        [--rounds 5] [--dir runs] [--full] [--client-cpu 1] [--stats-rows 10000 100000]
 
 1. Durable enqueue: msgs/s, CPU µs per message and per-call latency for batches of 1, 10 and 100 messages
    (each `enqueue` is one committed transaction; WAL, synchronous=NORMAL, and FULL too with --full), and
@@ -22,12 +22,16 @@
    Reports msgs/s and this process's CPU µs per message, the medians and the ratios to raw paho (target:
    drain >= 0.8 x raw paho). On a shared machine the rates swing from round to round: compare the medians,
    and the CPU per message, which is steadier.
+   With --client-cpu N the drain is measured again with this process on CPU N alone (the broker, as a
+   remote one would be, elsewhere): the outbox's two busy threads (publisher and paho's) then trade the
+   GIL on one core instead of across two, which on 2 CPUs is most of what the drain costs beyond raw paho.
 3. `stats()` (running totals) against the aggregate query it replaces, on outboxes of --stats-rows rows.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -36,7 +40,7 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -245,15 +249,16 @@ class Rate:
         self.cpu_us = (time.process_time() - self._cpu) * 1e6 / self.messages
 
 
-def bench_drain(args: argparse.Namespace, workdir: Path) -> None:
+def bench_drain(args: argparse.Namespace, workdir: Path, client_cpu: int | None = None) -> None:
     runs: dict[str, list[Rate]] = {"raw paho": [], "backlog": [], "live": []}
+    where = "" if client_cpu is None else f"; this process pinned to CPU {client_cpu}, the broker not"
     print(
         f"\ndrain: {args.messages:,} messages of {args.payload_bytes} B, QoS 1, window {args.window}; "
-        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs{where}"
     )
     header = "".join(f"{name + ' msg/s':>17}{'cpu µs/msg':>11}" for name in runs)
     print(f"{'round':>5}{header}")
-    with PrivateMosquitto(workdir / "mosquitto") as broker:
+    with PrivateMosquitto(workdir / f"mosquitto-{client_cpu}") as broker, pinned(client_cpu):
         for round_index in range(args.rounds):
             run = f"r{round_index}"
             messages = make_messages(args.messages, args.payload_bytes, run)
@@ -272,6 +277,20 @@ def bench_drain(args: argparse.Namespace, workdir: Path) -> None:
         f"live enqueue+drain / raw paho: {medians['live'] / raw:.2f}; "
         f"CPU per message, raw / backlog: {cpu['raw paho'] / cpu['backlog']:.2f}"
     )
+
+
+@contextlib.contextmanager
+def pinned(cpu: int | None) -> Iterator[None]:
+    """Run this thread, and the threads it starts, on one CPU (Linux); None: leave the affinity alone."""
+    if cpu is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 # ---- 3. stats() -------------------------------------------------------------------------------------------
@@ -319,6 +338,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dir", type=Path, default=Path("runs"), help="where the temporary databases go")
     parser.add_argument("--full", action="store_true", help="also enqueue with synchronous=FULL")
+    parser.add_argument(
+        "--client-cpu",
+        type=int,
+        help="also measure the drain with this process pinned to this CPU (Linux), the broker not",
+    )
     parser.add_argument("--stats-rows", type=int, nargs="*", default=[10_000, 100_000])
     args = parser.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
@@ -337,6 +361,8 @@ def main() -> None:
             rows,
         )
         bench_drain(args, folder)
+        if args.client_cpu is not None:
+            bench_drain(args, folder, args.client_cpu)
         if args.stats_rows:
             stats_rows = [bench_stats(folder, n, args.payload_bytes) for n in args.stats_rows]
             print_table("stats() vs aggregate", ["rows", "stats() ms", "count+sum ms"], stats_rows)

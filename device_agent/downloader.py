@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-CHUNK_BYTES = 256 * 1024
+CHUNK_BYTES = 1024 * 1024  # per read and write: a few Python-level rounds per model, not dozens
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _PERMANENT_STATUS = frozenset({400, 401, 403, 404, 405, 410, 451})
 
@@ -91,9 +91,9 @@ def _open(request: DownloadRequest, have: int) -> http.client.HTTPResponse:
     if request.token:
         # Unredirected: a redirect (e.g. to an object store's signed URL) must not carry the device's token.
         http_request.add_unredirected_header("Authorization", f"Bearer {request.token}")
-    context = _tls_context(request.ca_file)
+    opener = _opener(_tls_context(request.ca_file))
     try:
-        response = urllib.request.urlopen(http_request, timeout=request.timeout_s, context=context)
+        response = opener.open(http_request, timeout=request.timeout_s)
     except urllib.error.HTTPError as error:
         error.close()
         if error.code == 416 and have > 0:
@@ -190,6 +190,13 @@ def _tls_context(ca_file: Path | None) -> ssl.SSLContext:
 def _context_for(ca_file: str | None, version: int) -> ssl.SSLContext:
     # Loading a trust store takes tens of ms; a context is safe to share between connections and threads.
     return ssl.create_default_context(cafile=ca_file)
+
+
+@functools.lru_cache(maxsize=8)
+def _opener(context: ssl.SSLContext) -> urllib.request.OpenerDirector:
+    # What urlopen(context=...) builds on every call (a dozen handlers, sorted); it keeps no per-request
+    # state, so one per context serves every download and thread.
+    return urllib.request.build_opener(urllib.request.HTTPSHandler(context=context))
 
 
 def _host(url: str) -> str:

@@ -2,10 +2,11 @@
 
 One background thread publishes while the session is connected and deletes acknowledged rows in batches
 (one transaction for up to `delete_batch` rows, or whatever is acknowledged when the thread would otherwise
-wait). At most `window` rows are handed to paho and not yet acknowledged (never more than the broker's
-Receive Maximum); paho keeps `MqttSettings.max_inflight` of them on the wire and queues the rest, so its own
-thread answers each PUBACK with the next PUBLISH. While disconnected it publishes nothing new: rows
-accumulate in the outbox.
+wait). `window` is paho's own (`MqttSettings.max_inflight`): the rows it keeps on the wire awaiting PUBACK.
+Two windows are handed to paho: it queues the second, and its own thread answers each PUBACK with the next
+PUBLISH while this thread refills a whole window at a time. When the broker's Receive Maximum is below
+`window`, no more than that maximum are handed over, so paho cannot exceed it. While disconnected it
+publishes nothing new: rows accumulate in the outbox.
 
 Two lanes, each FIFO: detections (and events), and crops, published together in seq order (one FIFO) while
 the link is good. Crops are held (they wait in the outbox, within its caps, and local labels stand) while
@@ -56,6 +57,10 @@ PERMANENT_FAILURES = frozenset(
         0x99,  # payload format invalid
     }
 )
+# Rows handed to paho, in windows: paho keeps one window on the wire and sends the next queued row from its
+# own thread on each PUBACK, as when a client publishes everything at once; this thread refills a window at
+# a time. Handing over one window only would make the two threads trade the GIL on every PUBACK.
+QUEUE_AHEAD = 2
 MEMORY_ROWS = 5_000
 MEMORY_BYTES = 8 * 1024 * 1024
 _BY_SEQ = attrgetter("seq")
@@ -370,7 +375,9 @@ class OutboxPublisher:
         with self._lock:
             generation = self._generation
             self._window_now = min(self.window, self._session.receive_maximum)
-            free = self._window_now - len(self._inflight)
+            free = self._handed_limit() - len(self._inflight)
+            if free < self._window_now:
+                free = 0  # refill a window at a time: paho's thread sends the queued rows meanwhile
             if free > 0 and self._retry and time.monotonic() >= self._retry_at:
                 rows = sorted(self._retry.values(), key=_BY_SEQ)[:free]
                 for row in rows:
@@ -404,6 +411,13 @@ class OutboxPublisher:
                 if now >= self._next_probe_at:
                     self._probe = (rows[0].seq, now)
         return generation, rows
+
+    def _handed_limit(self) -> int:
+        """How many rows paho may hold unacknowledged: two windows, where paho's own window (`window`) is
+        within the broker's Receive Maximum; else no more than that maximum (paho would send them all)."""
+        if self.window <= self._session.receive_maximum:
+            return QUEUE_AHEAD * self.window
+        return self._window_now
 
     def _probe_due(self) -> bool:
         with self._lock:
@@ -542,7 +556,7 @@ class OutboxPublisher:
                 rtt_ms = (now - self._probe[1]) * 1e3
                 self._probe, self._next_probe_at = None, now + self._rtt_probe_interval_s
                 self._crop_hold.observe(rtt_ms)
-            wake = len(self._acked) >= self._delete_batch or len(self._inflight) <= self._window_now // 2
+            wake = len(self._acked) >= self._delete_batch or len(self._inflight) <= self._window_now
         if wake and not self._wake.is_set():  # is_set is a plain read; set() takes a lock
             self._wake.set()
         if rtt_ms is not None and self._on_rtt is not None:

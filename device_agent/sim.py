@@ -42,7 +42,7 @@ import socket
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -106,6 +106,13 @@ SIMULATED = "simulated"  # the provider name the devices report: no device ran t
 FRAME_WIDTH, FRAME_HEIGHT = 1280, 720
 DETECTION_PROPERTIES = MessageProperties(content_type="application/json")
 STOP_WORKERS = 16
+# The scheduler runs every event due within this much of now in one round: a thousand devices' frames alone
+# are 2,000 events a second, and a sleep between each two is a hand-over of the interpreter lock.
+SCHEDULE_SLACK_S = 0.02
+# Each device's outbox publisher is woken by every enqueue and on every (re)connect; its poll only paces
+# retries, so a slow one costs nothing, while a thousand 2-s polls are 500 wake-ups (two SQLite reads each)
+# a second.
+PUBLISHER_POLL_S = 10.0
 OFFLINE_ACK_TIMEOUT_S = 3.0
 DISCONNECT_TIMEOUT_S = 3.0
 SWITCH_INTERVAL_S = 0.05
@@ -238,6 +245,56 @@ class EvenShare:
             return picked
 
 
+class DownloadSlots:
+    """At most `count` downloads at once, granted in the order they were asked for.
+
+    A waiter sleeps on its device's `Event` until it is granted a slot or its device says that its job may
+    have been superseded (`SimDevice` sets the event on every `model/desired` and when it stops); waiting
+    with a timeout to look at the cancel flag instead woke a thousand queued threads every few seconds.
+    """
+
+    RECHECK_S = 30.0  # a safety net only: every path that cancels a job also sets the waiter's event
+
+    def __init__(self, count: int) -> None:
+        self._free = count
+        self._lock = threading.Lock()
+        self._queue: deque[threading.Event] = deque()
+        self._granted: set[threading.Event] = set()
+
+    def acquire(self, signal: threading.Event, cancelled: Callable[[], bool]) -> bool:
+        """True with a slot (give it back with `release`); False when `cancelled()` said so first."""
+        with self._lock:
+            if self._free > 0 and not self._queue:
+                self._free -= 1
+                return True
+            signal.clear()
+            self._queue.append(signal)
+        while True:
+            signal.wait(self.RECHECK_S)
+            with self._lock:
+                signal.clear()
+                if signal in self._granted:
+                    self._granted.discard(signal)
+                    return True
+                if cancelled():
+                    self._queue.remove(signal)
+                    return False
+
+    @property
+    def waiting(self) -> int:
+        with self._lock:
+            return len(self._queue)
+
+    def release(self) -> None:
+        with self._lock:
+            if not self._queue:
+                self._free += 1
+                return
+            turn = self._queue.popleft()
+            self._granted.add(turn)
+            turn.set()
+
+
 class SharedNetwork:
     """The network side of many paho clients on one thread, with epoll (the `selectors` module).
 
@@ -248,6 +305,7 @@ class SharedNetwork:
     """
 
     MISC_INTERVAL_S = 1.0  # keepalive pings and timeouts (paho's own loop checks once per second too)
+    MAX_BUFFERED_READS = 1024  # loop_read calls per readiness for bytes the socket object buffers itself
 
     def __init__(self) -> None:
         self._selector = selectors.DefaultSelector()
@@ -340,7 +398,7 @@ class SharedNetwork:
                         self._wake_r.recv(4096)
                     continue
                 if mask & selectors.EVENT_READ:
-                    self._guard(client.loop_read)
+                    self._read(client)
                 if mask & selectors.EVENT_WRITE:
                     self._write(client)
             with self._lock:
@@ -356,6 +414,22 @@ class SharedNetwork:
                     self._guard(client.loop_misc)
                     if client.want_write():  # a packet queued while the network thread was writing
                         self._write(client)
+
+    def _read(self, client: paho.Client) -> None:
+        """Read what arrived; then what the socket object itself still buffers (TLS decrypts ahead, and a
+        buffering wrapper may read several packets at once): epoll does not report bytes already read off
+        the kernel's socket, so they would wait for the next network input."""
+        self._guard(client.loop_read)
+        for _ in range(self.MAX_BUFFERED_READS):
+            sock = client.socket()
+            if sock is None or _buffered(sock) <= 0:
+                return
+            try:
+                if client.loop_read() != paho.MQTT_ERR_SUCCESS:
+                    return
+            except Exception:
+                log.exception("sim: network step failed")
+                return
 
     def _write(self, client: paho.Client) -> None:
         self._guard(client.loop_write)
@@ -494,6 +568,8 @@ class SimDevice:
         self.faulty: bool | None = None  # corrupts its downloads; decided at its first download
         self.slow: bool | None = None  # slow on a new model; decided at its first activation
         self.counters = _Counters()
+        self._download_turn = threading.Event()  # see DownloadSlots
+        self._stopping = False
         self.frame_seq = 0
         self._rng = random.Random(device_id)
         self.ota = OtaManager(
@@ -531,8 +607,9 @@ class SimDevice:
             will=self._status(DeviceState.OFFLINE),
             birth=lambda: self._status(DeviceState.ONLINE),
         )
-        # Woken by every enqueue, so a slow poll only paces retries; 1000 idle devices poll little.
-        self.publisher = OutboxPublisher(self.outbox, self.session, window=50, poll_interval_s=2.0)
+        self.publisher = OutboxPublisher(
+            self.outbox, self.session, window=20, poll_interval_s=PUBLISHER_POLL_S
+        )
         self.session.subscribe(topics.model_desired(device_id), self._on_desired)
         self.session.subscribe(topics.cmd_filter(device_id), self._on_command)
 
@@ -545,6 +622,8 @@ class SimDevice:
 
     def stop_updates(self) -> None:
         """Stop the OTA worker (a job under way is recorded as cleanly stopped, to resume next start)."""
+        self._stopping = True
+        self._download_turn.set()  # a download waiting for a slot gives up
         self.ota.stop(timeout=1.0)
 
     def say_offline(self) -> PublishHandle | None:
@@ -569,6 +648,7 @@ class SimDevice:
             log.warning("%s: ignored a malformed model/desired: %s", self.device_id, error)
             return
         self.ota.desired(desired)
+        self._download_turn.set()  # a download waiting for a slot looks whether it was superseded
 
     def _on_command(self, message: Message) -> None:
         try:
@@ -602,9 +682,8 @@ class SimDevice:
         if self.faulty is None:
             self.faulty = self.fleet.fail_share.next()
         slots = self.fleet.download_slots
-        while not slots.acquire(timeout=2.0):  # a superseded download stops waiting within 2 s
-            if cancel is not None and cancel.is_set():
-                raise DownloadCancelled
+        if not slots.acquire(self._download_turn, lambda: self._stopping or bool(cancel and cancel.is_set())):
+            raise DownloadCancelled
         try:
             result = download(request, progress=progress, cancel=cancel)
         finally:
@@ -728,7 +807,7 @@ class SimFleet:
         self.slow_share = EvenShare(config.slow)
         self._ota_shared = self._make_ota_config(config.token)
         self.network = SharedNetwork()
-        self.download_slots = threading.BoundedSemaphore(config.max_downloads)
+        self.download_slots = DownloadSlots(config.max_downloads)
         self.devices: list[SimDevice] = []
         self._stop = threading.Event()
         self._scheduler: threading.Thread | None = None
@@ -833,9 +912,9 @@ class SimFleet:
         while not self._stop.is_set():
             due, index, kind = queue[0]
             wait = due - time.monotonic()
-            if wait > 0 and self._stop.wait(min(wait, 0.5)):
-                return
-            if wait > 0:
+            if wait > SCHEDULE_SLACK_S:
+                if self._stop.wait(min(wait, 0.5)):
+                    return
                 continue
             heapq.heapreplace(queue, (max(due + periods[kind], time.monotonic()), index, kind))
             device = self.devices[index]
@@ -879,6 +958,11 @@ def _quietly(device: SimDevice, step: Callable[[], object]) -> None:
         step()
     except Exception:
         log.exception("sim: stopping %s failed", device.device_id)
+
+
+def _buffered(sock: Any) -> int:
+    pending = getattr(sock, "pending", None)
+    return int(pending()) if callable(pending) else 0
 
 
 def _corrupt_last_byte(path: Path) -> None:

@@ -7,14 +7,23 @@ an `ArtifactLookup` where a version's file is and an `ArtifactAuthorizer` whethe
 
 The token is checked before the lookup, so a caller without a valid token learns nothing about which
 models exist (401 without a token, 403 for one that may not fetch this artifact, 404 only after that).
+
+Files are served from memory once read (`ArtifactCache`: up to `cache_bytes` in all, least recently used
+out first, each file checked against its recorded sha256 as it is read in, and keyed by its size and mtime
+so a changed file is read again): a wave of a thousand devices fetching one model then costs no file reads
+and no worker-thread hop per chunk, only the socket writes on the event loop. Files that do not fit are
+streamed from disk in worker threads.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import secrets
-from collections.abc import Iterator, Mapping
+import threading
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Protocol
@@ -26,6 +35,7 @@ from fastapi.responses import StreamingResponse
 from fleet_protocol.signing import file_digest
 
 CHUNK_BYTES = 1 << 20
+CACHE_BYTES = 256 << 20  # artifact bytes held in memory, in all (0: always stream from disk)
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 _VERSION = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$"
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
@@ -56,9 +66,51 @@ class ArtifactAuthorizer(Protocol):
     def __call__(self, token: str, name: str, version: str) -> bool: ...
 
 
-def artifact_router(lookup: ArtifactLookup, authorize: ArtifactAuthorizer) -> APIRouter:
+class ArtifactCache:
+    """Whole artifact files in memory, least recently used out first, `max_bytes` in all (thread-safe).
+
+    A file is cached only when its bytes match the sha256 the registry recorded; the key includes its size
+    and modification time, so a file replaced on disk is read (and checked) again.
+    """
+
+    def __init__(self, max_bytes: int = CACHE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self._files: OrderedDict[tuple[str, str, int, int], bytes] = OrderedDict()
+        self._held = 0
+        self._lock = threading.Lock()
+
+    def get(self, artifact: ArtifactFile, stat: os.stat_result) -> bytes | None:
+        """The file's bytes, read in on first use; None when it does not fit or does not match its sha256."""
+        if stat.st_size > self.max_bytes:
+            return None
+        key = (str(artifact.path), artifact.sha256, stat.st_size, stat.st_mtime_ns)
+        with self._lock:
+            data = self._files.get(key)
+            if data is not None:
+                self._files.move_to_end(key)
+                return data
+        try:
+            data = artifact.path.read_bytes()
+        except OSError:
+            return None
+        if len(data) != artifact.size or hashlib.sha256(data).hexdigest() != artifact.sha256:
+            return None  # streamed from disk as it is; the device's own check refuses it
+        with self._lock:
+            if key not in self._files:
+                self._files[key] = data
+                self._held += len(data)
+            while self._held > self.max_bytes:
+                _, evicted = self._files.popitem(last=False)
+                self._held -= len(evicted)
+        return data
+
+
+def artifact_router(
+    lookup: ArtifactLookup, authorize: ArtifactAuthorizer, *, cache_bytes: int = CACHE_BYTES
+) -> APIRouter:
     """The ``/v1/artifacts/{name}/{version}`` routes (GET and HEAD)."""
     router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
+    cache = ArtifactCache(cache_bytes)
 
     def get_artifact(
         request: Request,
@@ -75,7 +127,8 @@ def artifact_router(lookup: ArtifactLookup, authorize: ArtifactAuthorizer) -> AP
         artifact = lookup(name, version)
         if artifact is None:
             raise HTTPException(404, f"no artifact for {name} version {version}")
-        size = _size_on_disk(artifact)
+        stat = _stat_on_disk(artifact)
+        size = stat.st_size
         headers = {
             "ETag": artifact.etag,
             "Accept-Ranges": "bytes",
@@ -99,8 +152,9 @@ def artifact_router(lookup: ArtifactLookup, authorize: ArtifactAuthorizer) -> AP
             headers["Content-Range"] = f"bytes {start}-{end}/{size}"
         if request.method == "HEAD":
             return Response(status_code=status, headers=headers, media_type="application/octet-stream")
+        cached = cache.get(artifact, stat)
         return StreamingResponse(
-            _read(artifact.path, start, length),
+            _read(artifact.path, start, length) if cached is None else _slices(cached, start, length),
             status_code=status,
             headers=headers,
             media_type="application/octet-stream",
@@ -194,15 +248,15 @@ def _bearer_token(authorization: str | None) -> str:
     return token.strip()
 
 
-def _size_on_disk(artifact: ArtifactFile) -> int:
+def _stat_on_disk(artifact: ArtifactFile) -> os.stat_result:
     try:
-        size = os.stat(artifact.path).st_size
+        stat = os.stat(artifact.path)
     except OSError:
         raise HTTPException(404, "the artifact's file is missing from the store") from None
-    if size != artifact.size:
+    if stat.st_size != artifact.size:
         # Serving it would hand devices bytes that cannot match the recorded sha256.
         raise HTTPException(500, "the artifact's file does not match its recorded size; re-register it")
-    return size
+    return stat
 
 
 def _etag_matches(header: str, sha256: str) -> bool:
@@ -236,6 +290,14 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | None:
     if start >= size:
         raise _UnsatisfiableRangeError
     return start, min(int(last) if last else size - 1, size - 1)
+
+
+async def _slices(data: bytes, start: int, length: int) -> AsyncIterator[memoryview]:
+    """Chunks of a file held in memory, on the event loop (no worker thread, no copy)."""
+    view = memoryview(data)
+    end = start + length
+    for offset in range(start, end, CHUNK_BYTES):
+        yield view[offset : min(offset + CHUNK_BYTES, end)]
 
 
 def _read(path: Path, start: int, length: int) -> Iterator[bytes]:

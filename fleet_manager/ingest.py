@@ -12,22 +12,22 @@ queued (up to `batch_max`), decodes it, and writes it in one transaction:
 
 Duplicates (the same `msg_id` / `det_id` again, as at-least-once delivery brings) are counted and ignored.
 A malformed message (bad topic, bad JSON, a payload whose device id is not its topic's) is counted by kind,
-logged and dropped; it never stops the writer. Each message's `ack` is called only after its batch
-committed, so with manual acknowledgements nothing the broker handed over is lost if the process dies.
+logged and dropped; it never stops the writer. Messages are acknowledged (`acker.ack_many` with their
+receipts, one call per batch, in arrival order) only after their batch committed, so with manual
+acknowledgements nothing the broker handed over is lost if the process dies.
 Retained messages (replayed by the broker on every subscribe) update state but not "last seen".
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Iterable
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import delete, insert, select
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -57,25 +57,33 @@ from fleet_protocol.payloads import (
     check_crop_jpeg,
     decode,
 )
-from fleet_protocol.topics import TopicKind, Topics
+from fleet_protocol.topics import ParsedTopic, TopicKind, Topics
 
 log = logging.getLogger(__name__)
 
 RETRY_MIN_S = 0.5
 RETRY_MAX_S = 10.0
 _LOG_EVERY_MALFORMED = 100  # log the first malformed message of each kind, then one in this many
+TOPIC_CACHE_MAX = 65_536  # topics parsed once and remembered: a fleet has a few topics per device
+
+
+class Acknowledger(Protocol):
+    """Where received messages are acknowledged once written: the MQTT session, with manual acks."""
+
+    def ack_many(self, receipts: Sequence[Any], /) -> object: ...
 
 
 @dataclass(frozen=True, slots=True)
 class Incoming:
-    """One received message, as the MQTT adapter hands it over."""
+    """One received message, as the MQTT adapter hands it over; `acker.ack_many` takes `receipt` back."""
 
     topic: str
     payload: bytes
     received_at: datetime
     retain: bool = False
     user_properties: tuple[tuple[str, str], ...] = ()
-    ack: Callable[[], Any] | None = None
+    acker: Acknowledger | None = None
+    receipt: Any = None
 
 
 class IngestStats:
@@ -166,33 +174,38 @@ class Ingestor:
         self.settings = settings or IngestSettings()
         self.stats = IngestStats()
         self._clock = clock
-        self._queue: queue.Queue[Incoming] = queue.Queue(maxsize=self.settings.queue_max)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_sample: dict[str, datetime] = {}
+        self._parsed_topics: dict[str, ParsedTopic] = {}
         self._listeners: list[Callable[[frozenset[str]], None]] = []
-        self._idle = threading.Condition()
+        self._inbox: deque[Incoming] = deque()  # submitted, not yet taken by the writer
         self._pending = 0  # submitted, not yet committed (or dropped)
+        self._lock = threading.Lock()  # guards the inbox and the pending count; the conditions share it
+        self._arrived = threading.Condition(self._lock)  # the writer waits for a first message, a full batch
+        self._room = threading.Condition(self._lock)  # submit waits for room in the inbox
+        self._idle = threading.Condition(self._lock)  # wait_idle waits for pending == 0
 
     # ---- feeding ----------------------------------------------------------------------------------------
 
     def submit(self, message: Incoming) -> None:
-        """Queue a message for the writer; blocks while the queue is full (backpressure to the broker)."""
-        with self._idle:
-            self._pending += 1
-        while True:
-            try:
-                self._queue.put(message, timeout=1.0)
-                return
-            except queue.Full:
+        """Queue a message for the writer; blocks while the queue is full (backpressure to the broker).
+
+        Dropped (never acked: the broker sends it again) if the writer stops while the queue is full.
+        """
+        with self._lock:
+            while len(self._inbox) >= self.settings.queue_max:
                 if self._stop.is_set():
-                    with self._idle:
-                        self._pending -= 1
-                        self._idle.notify_all()
                     return
-                log.warning(
-                    "ingest queue full (%d messages): the database is not keeping up", self._queue.qsize()
-                )
+                if not self._room.wait(1.0):
+                    log.warning(
+                        "ingest queue full (%d messages): the database is not keeping up", len(self._inbox)
+                    )
+            self._inbox.append(message)
+            self._pending += 1
+            queued = len(self._inbox)
+            if queued == 1 or queued == self._full_batch():  # what the writer may be waiting for
+                self._arrived.notify()
 
     def add_listener(self, listener: Callable[[frozenset[str]], None]) -> None:
         """Called after each committed batch with the topic kinds it held (e.g. to wake the controller)."""
@@ -219,28 +232,38 @@ class Ingestor:
             return
         self.wait_idle(timeout)
         self._stop.set()
+        with self._lock:
+            self._arrived.notify_all()
+            self._room.notify_all()
         thread.join(timeout)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
-                first = self._queue.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            batch = [first]
+            batch = self._next_batch()
+            if batch:
+                self._process_with_retry(batch)
+
+    def _next_batch(self) -> list[Incoming]:
+        """Up to `batch_max` messages, once that many queued or `flush_interval_s` after the first did;
+        empty after a while with none (to check for a stop)."""
+        full = self._full_batch()
+        with self._lock:
+            if not self._inbox and not self._arrived.wait(0.2):
+                return []
             deadline = time.monotonic() + self.settings.flush_interval_s
-            while len(batch) < self.settings.batch_max:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    try:
-                        batch.append(self._queue.get(timeout=remaining))
-                    except queue.Empty:
-                        break
-            self._process_with_retry(batch)
+            while len(self._inbox) < full and not self._stop.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._arrived.wait(remaining)
+            inbox = self._inbox
+            batch = [inbox.popleft() for _ in range(min(self.settings.batch_max, len(inbox)))]
+            self._room.notify_all()
+        return batch
+
+    def _full_batch(self) -> int:
+        """Messages that make a batch worth writing at once: `batch_max`, or a full queue if that is less."""
+        return min(self.settings.batch_max, self.settings.queue_max)
 
     def _process_with_retry(self, batch: list[Incoming]) -> None:
         delay = RETRY_MIN_S
@@ -322,16 +345,20 @@ class Ingestor:
                 except Exception:
                     log.exception("ingest listener %r failed", listener)
 
-    def _ack(self, messages: Iterable[Incoming]) -> None:
+    def _ack(self, messages: list[Incoming]) -> None:
+        """One `ack_many` per acknowledger (as a rule the one MQTT session), receipts in arrival order."""
+        receipts: dict[Acknowledger, list[Any]] = {}
         for message in messages:
-            if message.ack is not None:
-                try:
-                    message.ack()
-                except Exception:
-                    log.exception("acknowledging a message on %s failed", message.topic)
+            if message.acker is not None:
+                receipts.setdefault(message.acker, []).append(message.receipt)
+        for acker, batch in receipts.items():
+            try:
+                acker.ack_many(batch)
+            except Exception:
+                log.exception("acknowledging %d messages failed", len(batch))
 
     def _done(self, count: int) -> None:
-        with self._idle:
+        with self._lock:
             self._pending = max(0, self._pending - count)
             if self._pending == 0:
                 self._idle.notify_all()
@@ -346,7 +373,7 @@ class Ingestor:
     def _decode_into(self, batch: _Batch, message: Incoming) -> str | None:
         """Add `message` to `batch`; returns its kind, 'malformed:<kind>', or None when ignored."""
         try:
-            parsed = self.topics.parse(message.topic)
+            parsed = self._parse_topic(message.topic)
         except TopicError as error:
             return self._malformed("topic", message.topic, str(error))
         kind = parsed.kind
@@ -403,6 +430,15 @@ class Ingestor:
             self._add_unique(batch, batch.refined, payload.det_id, name, _refined_row(payload, received))
         batch.counts[name] += 1
         return name
+
+    def _parse_topic(self, topic: str) -> ParsedTopic:
+        parsed = self._parsed_topics.get(topic)
+        if parsed is None:
+            parsed = self.topics.parse(topic)
+            if len(self._parsed_topics) >= TOPIC_CACHE_MAX:
+                self._parsed_topics.clear()  # rare: simpler than evicting, and safe beside another caller
+            self._parsed_topics[topic] = parsed
+        return parsed
 
     @staticmethod
     def _add_unique(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-from functools import partial
 
 from fleet_manager.config import BrokerSettings
 from fleet_manager.ingest import Incoming, Ingestor
@@ -77,7 +76,8 @@ class FleetMqtt:
                 received_at=utcnow(),
                 retain=message.retain,
                 user_properties=message.properties.user_properties,
-                ack=partial(self.session.ack, message) if self.manual_ack else None,
+                acker=self.session if self.manual_ack else None,
+                receipt=message,
             )
         )
 

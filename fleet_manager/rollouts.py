@@ -37,6 +37,7 @@ import itertools
 import logging
 import math
 import threading
+import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -69,6 +70,13 @@ log = logging.getLogger(__name__)
 
 ROLLBACK_SUFFIX = ".rb"
 ROLLBACK_SETTLE_S = 2.0  # a device silent this long after a rollback is taken to have no update under way
+# A wake (ingest wrote OTA reports, an operator acted) ticks at once, but no sooner than this after the last
+# tick began, nor sooner than WAKE_SPACING x the CPU time it took: during a 1,000-device wave reports arrive
+# continuously and a tick (~70 ms of CPU) after every batch kept a core busy. Reports wait <= ~0.2 s more.
+# CPU time, not wall time: on a loaded machine a tick's wall time stretches, and spacing by it left the
+# last reports of a wave waiting seconds.
+WAKE_MIN_GAP_S = 0.05
+WAKE_SPACING = 3.0
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 _REF = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$"
 _INSTALLING = (DevicePhase.SENT.value,)
@@ -472,6 +480,7 @@ class RolloutController:
     def _run(self, tick_s: float) -> None:
         recovered = False
         while not self._stop.is_set():
+            began, began_cpu = time.monotonic(), time.thread_time()
             try:
                 if not recovered:
                     count = self.recover()
@@ -481,7 +490,9 @@ class RolloutController:
                 self.tick()
             except Exception:
                 log.exception("rollout controller tick failed; retrying")
-            self._wake.wait(tick_s)
+            if self._wake.wait(tick_s):
+                spacing = max(WAKE_MIN_GAP_S, WAKE_SPACING * (time.thread_time() - began_cpu))
+                self._stop.wait(max(0.0, began + spacing - time.monotonic()))
             self._wake.clear()
 
     def recover(self) -> int:
@@ -587,7 +598,6 @@ class RolloutController:
         """Map what devices reported onto their phases (and judge health in probation)."""
         target = (rollout.model_name, rollout.model_version)
         in_probation = rollout.state_enum in ACTIVE_ROLLOUT_STATES
-        probation = timedelta(seconds=rollout.probation_s)
         for row in rows:
             device = devices.get(row.device_id)
             if device is None:
@@ -605,6 +615,8 @@ class RolloutController:
                     row.phase = DevicePhase.ACTIVE.value
                     row.activated_at = now
                     row.ota_state, row.progress, row.error = OtaState.ACTIVE.value, 1.0, None
+                    if in_probation:  # judged in this pass (proven now when no probation time is asked)
+                        self._judge(rollout, row, device, now)
                 elif reported_for_us and device.ota_state in _OTA_GAVE_UP:
                     self._fail(row, device.ota_error or f"device reported {device.ota_state}", now)
                 elif reported_for_us and (row.ota_state, row.progress) != (
@@ -614,23 +626,7 @@ class RolloutController:
                     row.ota_state, row.progress = device.ota_state, device.ota_progress
                     row.updated_at = now
             elif row.phase == DevicePhase.ACTIVE.value and row.proven_at is None and in_probation:
-                if reported_for_us and device.ota_state in _OTA_GAVE_UP:
-                    self._fail(row, device.ota_error or f"device reported {device.ota_state}", now)
-                    continue
-                activated = row.activated_at or now
-                fresh = device.telemetry_at is not None and device.telemetry_at > activated
-                gate = rollout.max_latency_p95_ms
-                if (
-                    fresh
-                    and gate is not None
-                    and device.latency_p95_ms is not None
-                    and device.latency_p95_ms > gate
-                ):
-                    row.phase = DevicePhase.UNHEALTHY.value
-                    row.error = f"p95 latency {device.latency_p95_ms:.0f} ms is over the {gate:g} ms gate"
-                    row.failed_at = row.updated_at = now
-                elif now - activated >= probation and (fresh or not rollout.require_telemetry):
-                    row.proven_at = row.updated_at = now
+                self._judge(rollout, row, device, now)
             elif row.phase == DevicePhase.REVERTING.value:
                 previous = (row.prev_name, row.prev_version)
                 # Back when it runs its previous model and is not about to leave it: it is not installing
@@ -651,6 +647,23 @@ class RolloutController:
                 ) and row.error != device.ota_error:
                     row.error = f"rollback failed: {device.ota_error}"
                     row.updated_at = now
+
+    def _judge(self, rollout: Rollout, row: RolloutDevice, device: Device, now: datetime) -> None:
+        """Probation of an active, not yet proven device: failed, unhealthy, proven, or not yet decided."""
+        if device.ota_rollout_id == rollout.id and device.ota_state in _OTA_GAVE_UP:
+            self._fail(row, device.ota_error or f"device reported {device.ota_state}", now)
+            return
+        activated = row.activated_at or now
+        fresh = device.telemetry_at is not None and device.telemetry_at > activated
+        gate = rollout.max_latency_p95_ms
+        if fresh and gate is not None and device.latency_p95_ms is not None and device.latency_p95_ms > gate:
+            row.phase = DevicePhase.UNHEALTHY.value
+            row.error = f"p95 latency {device.latency_p95_ms:.0f} ms is over the {gate:g} ms gate"
+            row.failed_at = row.updated_at = now
+        elif now - activated >= timedelta(seconds=rollout.probation_s) and (
+            fresh or not rollout.require_telemetry
+        ):
+            row.proven_at = row.updated_at = now
 
     def _fail(self, row: RolloutDevice, error: str, now: datetime) -> None:
         row.phase = DevicePhase.FAILED.value

@@ -53,10 +53,14 @@ class UlidGenerator:
         self._last_random = 0
 
     def next(self) -> ULID:
+        now_ms = self._clock_ms()
+        # Drawn before taking the lock: os.urandom lets other threads run, and they must not queue on the lock
+        # meanwhile. Only when the millisecond moved on (a guess, checked again under the lock).
+        fresh = self._fresh_random() if now_ms > self._last_ms else None
         with self._lock:
-            now_ms = self._clock_ms()
             if now_ms > self._last_ms:
-                self._last_ms, self._last_random = now_ms, self._fresh_random()
+                self._last_ms = now_ms
+                self._last_random = self._fresh_random() if fresh is None else fresh
             elif self._last_random < _MAX_RANDOM:
                 self._last_random += 1
             else:

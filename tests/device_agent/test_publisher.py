@@ -117,6 +117,75 @@ def test_drains_2000_messages_and_empties_the_outbox(
     assert all(0 < rtt < 10_000 for rtt in rtts_ms), rtts_ms
 
 
+def test_a_broker_receive_maximum_below_the_window_bounds_what_paho_holds(
+    tmp_path: Path, agents: list[Agent]
+) -> None:
+    broker = MosquittoBroker(tmp_path / "mosquitto", max_inflight_messages=5).start()  # Receive Maximum 5
+    held: list[int] = []
+    try:
+        collector = Collector(broker, "t/rmax/#")
+        agent = Agent(broker, tmp_path / "outbox.db", window=50)  # paho's own max_inflight is 100
+        agents.append(agent)
+        messages = [detection("t/rmax/cam-1/detections") for _ in range(500)]
+        draining = threading.Event()
+
+        def sample() -> None:
+            while not draining.is_set():
+                held.append(agent.publisher.counters().inflight)
+                time.sleep(0.001)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        agent.enqueue(messages)
+        flushed = agent.publisher.flush(timeout=20)
+        draining.set()
+        sampler.join()
+
+        assert flushed, agent.publisher.counters()
+        assert not collector.wait_for_ids({m.msg_id for m in messages}, timeout=10)
+        collector.session.disconnect()
+        assert agent.session.receive_maximum == 5
+        assert max(held) <= 5, f"paho was handed {max(held)} rows against a Receive Maximum of 5"
+        assert agent.session.connect_count == 1  # the broker never dropped the link
+    finally:
+        for agent in agents:
+            agent.close()
+        agents.clear()
+        broker.kill()
+
+
+def test_paho_is_handed_two_windows_and_no_more(
+    mqtt_broker: MosquittoBroker, tmp_path: Path, agents: list[Agent]
+) -> None:
+    collector = Collector(mqtt_broker, "t/windows/#")
+    outbox = Outbox(tmp_path / "outbox.db")
+    messages = [detection("t/windows/cam-1/detections") for _ in range(1000)]
+    outbox.enqueue(messages)  # a backlog, as after an outage
+    session = MqttSession(settings_for(mqtt_broker, "device").model_copy(update={"max_inflight": 20}))
+    publisher = OutboxPublisher(outbox, session, window=20)
+    session.connect()
+    assert session.wait_connected(10)
+    held: list[int] = []
+    published = session.publish
+
+    def publish_and_sample(*args: object, **kwargs: object) -> object:
+        held.append(publisher.counters().inflight)
+        return published(*args, **kwargs)  # type: ignore[arg-type]
+
+    session.publish = publish_and_sample  # type: ignore[method-assign]
+    publisher.start()
+    try:
+        assert publisher.flush(timeout=20), publisher.counters()
+        assert not collector.wait_for_ids({m.msg_id for m in messages}, timeout=10)
+    finally:
+        publisher.stop()
+        session.disconnect()
+        collector.session.disconnect()
+        outbox.close()
+    # counted as each row goes to paho, its whole batch included: two windows, one on the wire, one queued
+    assert max(held) == 40
+
+
 def test_broker_outage_loses_nothing(
     private_broker: MosquittoBroker,
     tmp_path: Path,

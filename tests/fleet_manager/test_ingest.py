@@ -4,12 +4,15 @@ refined labels, crops; duplicates ignored; malformed messages counted and droppe
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import func, select
 
 from fleet_manager.config import IngestSettings, RetentionSettings
+from fleet_manager.db import Database
 from fleet_manager.devices import ota_history, recent_detections, telemetry_history
 from fleet_manager.ingest import Incoming, Ingestor
 from fleet_manager.models import (
@@ -209,6 +212,20 @@ def incoming(topics: Topics, kind: str, device: str, payload: bytes, at=None, **
     )
 
 
+class CommittedAcks:
+    """An acknowledger that records each `ack_many` call, and what the database held at that moment."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.calls: list[list[str]] = []
+        self.detections_stored: list[int] = []
+
+    def ack_many(self, receipts: Sequence[str]) -> None:
+        self.calls.append(list(receipts))
+        with self.db.read() as s:
+            self.detections_stored.append(s.execute(select(func.count()).select_from(Detection)).scalar_one())
+
+
 def test_batches_duplicates_order_downsampling_and_retention(make_service, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     service: FleetService = make_service(None, start=False)
     topics = Topics("edgefleet/v1")
@@ -217,15 +234,16 @@ def test_batches_duplicates_order_downsampling_and_retention(make_service, tmp_p
     now = utcnow()
     event = detection(device, ["dog"])
     det = event.detections[0].det_id
-    acked: list[str] = []
+    acks = CommittedAcks(service.db)
     # The refined label before its detection (a refiner may be quicker than the fleet manager's batch).
     ingestor.process(
-        [incoming(topics, "refined", device, encode(refined(device, det)), ack=lambda: acked.append("r"))]
+        [incoming(topics, "refined", device, encode(refined(device, det)), acker=acks, receipt="r")]
     )
     ingestor.process(
         [
-            incoming(topics, "detections", device, encode(event), ack=lambda: acked.append("d1")),
-            incoming(topics, "detections", device, encode(event), ack=lambda: acked.append("d2")),
+            incoming(topics, "detections", device, encode(event), acker=acks, receipt="d1"),
+            incoming(topics, "detections", device, b"{not json", acker=acks, receipt="bad"),
+            incoming(topics, "detections", device, encode(event), acker=acks, receipt="d2"),
             incoming(topics, "telemetry", device, encode(telemetry(device, 10)), at=now),
             incoming(
                 topics, "telemetry", device, encode(telemetry(device, 20)), at=now + timedelta(seconds=30)
@@ -236,7 +254,9 @@ def test_batches_duplicates_order_downsampling_and_retention(make_service, tmp_p
         ]
     )
     ingestor.process([incoming(topics, "detections", device, encode(event))])  # a later redelivery
-    assert acked == ["r", "d1", "d2"]  # every message acked, duplicates too, once committed
+    # One call per batch, in arrival order: duplicates and malformed messages too, once committed.
+    assert acks.calls == [["r"], ["d1", "bad", "d2"]]
+    assert acks.detections_stored == [0, 1]
     stats = ingestor.stats.snapshot()
     assert stats["duplicates"] == {"detections": 2}
     assert stats["stored"]["detections"] == 1
@@ -262,3 +282,59 @@ def test_batches_duplicates_order_downsampling_and_retention(make_service, tmp_p
         assert s.get(Refinement, det) is not None
         assert s.execute(select(func.count()).select_from(OtaEvent)).scalar_one() == 0
         assert s.execute(select(func.count()).select_from(TelemetrySample)).scalar_one() == 2
+
+
+def test_batched_acks_keep_a_small_receive_window_moving(mqtt_broker: MosquittoBroker, make_service) -> None:  # type: ignore[no-untyped-def]
+    """The broker sends at most `queue_max` unacknowledged messages: four times that many get through only
+    if every committed batch is acknowledged."""
+    service: FleetService = make_service(mqtt_broker, ingest={"queue_max": 100, "batch_max": 30})
+    topics = topics_of(service)
+    publisher = device_session(mqtt_broker, topics.root)
+    try:
+        events = [detection(f"cam-{i % 4}", ["person"], seq=i) for i in range(400)]
+        handles = [publisher.publish(topics.detections(e.device_id), encode(e), qos=1) for e in events]
+        assert all(handle.wait(10) for handle in handles)
+        wait_until(
+            lambda: service.ingestor.stats.snapshot()["stored"].get("detections", 0) == len(events),
+            20,
+            "every detection to be stored",
+        )
+        assert service.ingestor.stats.snapshot()["batches"] >= len(events) // 30
+    finally:
+        publisher.disconnect()
+
+
+def test_submit_waits_for_room_and_the_writer_drains_in_batches(make_service) -> None:  # type: ignore[no-untyped-def]
+    service: FleetService = make_service(None, start=False)
+    topics = Topics("edgefleet/v1")
+    settings = IngestSettings(queue_max=100, batch_max=30, flush_interval_s=0.01)
+    ingestor = Ingestor(service.db, topics, settings)
+    acks = CommittedAcks(service.db)
+    messages = [
+        incoming(
+            topics,
+            "detections",
+            "cam-3",
+            encode(detection("cam-3", ["car"], seq=i)),
+            acker=acks,
+            receipt=f"m{i}",
+        )
+        for i in range(101)
+    ]
+    for message in messages[:100]:
+        ingestor.submit(message)
+    late = threading.Thread(target=ingestor.submit, args=(messages[100],))
+    late.start()
+    late.join(0.3)
+    assert late.is_alive()  # the queue is full: the adapter (paho's thread) waits, the broker holds the rest
+
+    ingestor.start()
+    try:
+        late.join(5)
+        assert not late.is_alive()
+        assert ingestor.wait_idle(10)
+    finally:
+        ingestor.stop()
+    assert ingestor.stats.snapshot()["stored"] == {"detections": 101}
+    assert max(len(call) for call in acks.calls) <= 30
+    assert [receipt for call in acks.calls for receipt in call] == [f"m{i}" for i in range(101)]

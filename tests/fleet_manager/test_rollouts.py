@@ -302,8 +302,11 @@ def test_pause_resume_abort_and_conflict(
                     for r in session.execute(select(RolloutDevice)).scalars()
                 ]
             connects = service.mqtt.session.connect_count if service.mqtt else None
+            retained_ids = {d: getattr(decode_model_desired(p), "msg_id", None) for d, p in found.items()}
+            seen = {d: sim.devices[d].desired_msg_ids for d in second}
             raise AssertionError(
-                f"still retained: {sorted(found)}; rows: {state}; fleet connects: {connects}"
+                f"still retained: {retained_ids}; the second wave saw {seen}; rows: {state}; "
+                f"fleet connects: {connects}"
             ) from None
         assert all(decode_model_desired(p).version == fleet_models.v2.version for p in retained.values())  # type: ignore[union-attr]
         sim.thaw()  # they now see only the latest desired state: cleared, so they keep v1

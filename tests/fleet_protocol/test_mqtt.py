@@ -315,6 +315,58 @@ def test_abort_drops_the_link_without_disconnect_so_the_will_fires(
     assert not session.connected
 
 
+def test_a_backlog_arrives_intact_and_ack_many_acknowledges_only_what_this_link_received(
+    private_broker: MosquittoBroker,
+) -> None:
+    """A backlog of small messages, some with properties and one larger than a socket read, arrives intact
+    and in order; `ack_many` acks a batch in one call; what it acked never comes back, the rest does."""
+    settings = settings_for(private_broker, "fleet", manual_ack=True, receive_maximum=1000)
+    inbox = Inbox()
+    consumer = MqttSession(settings)
+    consumer.subscribe("t/backlog/#", inbox, qos=1)
+    consumer.connect()
+    assert consumer.wait_connected(10)
+    time.sleep(0.2)
+    consumer.disconnect()  # the broker keeps the session and queues the backlog for it
+    sender = MqttSession(settings_for(private_broker, "device", max_inflight=200))
+    sender.connect()
+    assert sender.wait_connected(10)
+    crop = MessageProperties(content_type="image/jpeg", user_properties=(("det_id", "d-1"),))
+    backlog = [(f"t/backlog/cam-{i % 3}/detections", b"%04d" % i, MessageProperties()) for i in range(300)]
+    backlog[7] = ("t/backlog/cam-1/crops", b"\xff\xd8" + bytes(200_000), crop)  # more than one socket read
+    backlog[20] = ("t/backlog/cam-2/crops", b"\xff\xd8small", crop)
+    handles = [sender.publish(topic, payload, qos=1, properties=props) for topic, payload, props in backlog]
+    assert all(handle.wait(10) for handle in handles)
+    sender.disconnect()
+
+    consumer.connect()
+    assert inbox.wait_for(lambda msgs: len(msgs) == len(backlog), 15), len(inbox.messages)
+    assert [(m.topic, m.payload, m.properties) for m in inbox.messages] == backlog
+    assert {(m.qos, m.connection) for m in inbox.messages} == {(1, 2)}
+    assert consumer.ack_many(inbox.messages[:250])
+    time.sleep(0.5)  # the PUBACKs reach the broker
+    consumer.abort()  # a crash: the last 50 were never acknowledged
+    assert not consumer.ack_many(inbox.messages[250:])  # not connected: not ours to ack any more
+
+    consumer.connect()
+    assert inbox.wait_for(lambda msgs: len(msgs) == len(backlog) + 50, 15), len(inbox.messages)
+    redelivered = inbox.messages[len(backlog) :]
+    assert [m.payload for m in redelivered] == [payload for _, payload, _ in backlog[250:]]
+    assert not consumer.ack_many(inbox.messages[250:300])  # received on the link before: skipped
+    assert consumer.ack_many(redelivered)
+    time.sleep(0.5)
+    consumer.disconnect()
+
+    after = Inbox()
+    again = MqttSession(settings)
+    again.subscribe("t/backlog/#", after, qos=1)
+    again.connect()
+    assert again.wait_connected(10)
+    time.sleep(1.0)
+    again.disconnect()
+    assert after.messages == []  # everything was acknowledged: nothing comes back
+
+
 def test_backoff_is_exponential_capped_and_jittered() -> None:
     backoff = Backoff(0.5, 8.0)
     delays = [backoff.next_delay() for _ in range(8)]
