@@ -10,8 +10,11 @@ import time
 from collections.abc import Iterator
 from itertools import count
 from pathlib import Path
+from typing import Any
 
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from fleet_protocol.mqtt import (
     Backoff,
@@ -20,6 +23,8 @@ from fleet_protocol.mqtt import (
     MqttSession,
     MqttSettings,
     OutgoingMessage,
+    _PackedOnce,
+    _plain_puback_reason,
 )
 from tests.broker import Inbox, MosquittoBroker
 
@@ -167,6 +172,78 @@ def test_qos1_published_while_disconnected_is_sent_after_reconnect(
     assert handle.wait(10), f"not acked after reconnect: {handle.error} {handle.reason_code}"
     assert inbox.wait_for(lambda msgs: b"while-down" in [m.payload for m in msgs])
     assert sender.connect_count == 2
+
+
+def test_messages_beyond_the_window_go_out_in_order_also_after_a_broker_restart(
+    private_broker: MosquittoBroker,
+    sessions: list[MqttSession],
+) -> None:
+    """paho keeps `max_inflight` on the wire and queues the rest; `_Client` sends the next queued one on
+    each PUBACK from its own queue, which holds nothing stale after a reconnect."""
+    receiver = open_session(sessions, settings_for(private_broker, "receiver"))
+    sender = open_session(sessions, settings_for(private_broker, "sender", max_inflight=5))
+    inbox = subscribed(receiver, "t/window")
+
+    live = [b"live-%03d" % i for i in range(200)]
+    handles = [sender.publish("t/window", payload, qos=1) for payload in live]
+    assert all(handle.wait(10) for handle in handles)
+    assert {handle.reason_code for handle in handles} == {0}
+    assert inbox.wait_for(lambda msgs: len(msgs) >= len(live))
+    assert inbox.payloads() == live
+
+    private_broker.stop()
+    deadline = time.monotonic() + 5
+    while sender._client.socket() is not None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not sender.connected
+    # No socket: paho marks each "to publish", and (2.2) sends them all after the CONNACK.
+    offline = [b"offline-%03d" % i for i in range(60)]
+    handles = [sender.publish("t/window", payload, qos=1) for payload in offline]
+    private_broker.start()
+
+    assert all(handle.wait(10) for handle in handles), [h.reason_code for h in handles if not h.ok]
+    assert inbox.wait_for(lambda msgs: {b"offline-059"} <= {m.payload for m in msgs})
+    # first arrivals: a resend may repeat one (and the broker re-deliver the receiver's last few)
+    arrived = list(dict.fromkeys(p for p in inbox.payloads() if p.startswith(b"offline")))
+    assert arrived == offline
+    assert not sender._client._queued  # nothing left waiting, nothing stale kept alive
+
+
+def test_a_puback_reason_code_reaches_the_handle(
+    mqtt_broker: MosquittoBroker, sessions: list[MqttSession]
+) -> None:
+    """Mosquitto answers a publish nobody subscribed to with 0x10 (no matching subscribers): a success."""
+    sender = open_session(sessions, settings_for(mqtt_broker, "sender"))
+    handle = sender.publish("t/nobody-listens", b"x", qos=1)
+    assert handle.wait(5)
+    assert handle.reason_code == 0x10
+
+
+def test_plain_pubacks_are_read_without_paho_and_the_rest_left_to_it() -> None:
+    assert _plain_puback_reason(bytearray(b"\x00\x07")).value == 0  # type: ignore[union-attr]
+    assert _plain_puback_reason(bytearray(b"\x00\x07\x10")).value == 0x10  # type: ignore[union-attr]
+    assert _plain_puback_reason(bytearray(b"\x00\x07\x87\x00")).value == 0x87  # type: ignore[union-attr]
+    assert _plain_puback_reason(bytearray(b"\x00\x07\x87\x03\x1f\x00\x00")) is None  # a reason string
+    assert _plain_puback_reason(bytearray(b"\x00\x07\x05")) is None  # no such PUBACK reason: paho reports it
+    assert _plain_puback_reason(bytearray(b"\x00\x07\x10")) is _plain_puback_reason(
+        bytearray(b"\x00\x09\x10")
+    )
+
+
+def test_publish_properties_are_packed_once_and_again_after_a_change() -> None:
+    props = MessageProperties(content_type="application/json", user_properties=(("k", "v"),)).to_paho()
+    assert props is not None
+    plain = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    plain.ContentType, plain.UserProperty = "application/json", [("k", "v")]
+    assert props.pack() == plain.pack()  # type: ignore[no-untyped-call]
+    assert props.pack() is props.pack()  # type: ignore[no-untyped-call]
+    copy: Any = _PackedOnce(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    copy.ContentType = "text/plain"
+    before = copy.pack()
+    copy.ContentType = "application/json"
+    assert copy.pack() != before
+    del copy.ContentType
+    assert copy.pack() == b"\x00"
 
 
 def test_persistent_session_keeps_messages_published_while_the_consumer_was_away(
