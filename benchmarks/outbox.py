@@ -28,7 +28,8 @@
    and the CPU per message, which is steadier.
    With --client-cpu N the drain is measured again with this process on CPU N alone (the broker, as a
    remote one would be, elsewhere): the outbox's two busy threads (publisher and paho's) then trade the
-   GIL on one core instead of across two, which on 2 CPUs is most of what the drain costs beyond raw paho.
+   GIL on one core instead of across two, which on 2 CPUs is much of what the outbox costs beyond our
+   client alone.
 3. `stats()` (running totals) against the aggregate query it replaces, on outboxes of --stats-rows rows.
 """
 

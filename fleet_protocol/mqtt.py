@@ -21,8 +21,9 @@ Paho 2.2 facts the callers rely on (read in its source): a QoS 1/2 message stays
 its PUBACK/PUBCOMP, whatever the connection does. Published while disconnected, it is queued and sent after
 the next CONNACK; in flight when the link dropped, it is re-sent with DUP after the next CONNACK, whether or
 not the broker kept the session (without a session the broker takes it as a new message). Paho keeps at
-most `max_inflight` QoS>0 messages on the wire and queues the rest in memory; it does not honour the
-broker's Receive Maximum by itself, so `receive_maximum` exposes it for callers that bound their window.
+most `max_inflight` QoS>0 messages on the wire and queues the rest in memory, except right after a
+reconnect, when it sends every unacknowledged one at once. It does not honour the broker's Receive Maximum
+by itself, so `receive_maximum` exposes it for callers that bound what they hand over.
 Paho calls `on_publish` while holding its message lock: ack callbacks must be short and must not publish.
 """
 
@@ -391,7 +392,8 @@ class _Client(paho.Client):
     and a cheaper publish path:
     - a PUBACK without properties (what a broker sends unless it explains a failure) is read here: paho's
       `decode_puback` builds two `ReasonCode`s and two `Properties` per PUBACK (~30 µs), where these share
-      one per reason code. Any other PUBACK or PUBCOMP takes paho's path;
+      one per reason code, and passes on Mosquitto's 0x95 (packet too large), which paho's path takes for a
+      malformed packet (`_puback_reason`). Any other PUBACK or PUBCOMP takes paho's path;
     - the messages paho queued beyond `max_inflight` are also kept in `_queued`, in order, so that each
       PUBACK sends the next one at once: paho's `_update_inflight` walks every message in flight first.
     """
@@ -567,12 +569,19 @@ def _plain_puback_reason(packet: bytearray) -> ReasonCode | None:
 
 @functools.cache
 def _puback_reason(value: int) -> ReasonCode | None:
-    """One shared `ReasonCode` per PUBACK reason (on_publish callbacks only read it); None if `value` is
-    not one: paho's path then reports the malformed packet."""
-    try:
-        return ReasonCode(PacketTypes.PUBACK, identifier=value)
-    except KeyError:
-        return None
+    """One shared `ReasonCode` per PUBACK reason (on_publish callbacks only read it).
+
+    A failure MQTT 5 lists for other packets only is passed on as that failure: Mosquitto 2.0 answers a
+    PUBLISH over its `message_size_limit` with a PUBACK carrying 0x95 (packet too large), which paho's path
+    takes for a malformed packet: it drops the link and sends the message again after reconnecting, forever.
+    None for any other value: paho's path then reports the malformed packet.
+    """
+    for packet_type in (PacketTypes.PUBACK, PacketTypes.DISCONNECT):
+        with contextlib.suppress(KeyError, ValueError):  # unknown, or not for this packet type
+            reason = ReasonCode(packet_type, identifier=value)
+            if packet_type == PacketTypes.PUBACK or value >= FAILURE_THRESHOLD:
+                return reason
+    return None
 
 
 class PublishingSession(Protocol):

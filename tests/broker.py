@@ -62,6 +62,7 @@ class MosquittoBroker:
         autosave_interval_s: int = 1,
         max_queued_messages: int = 100_000,
         max_inflight_messages: int = 1000,
+        message_size_limit: int | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.port = port or free_port()
@@ -70,6 +71,7 @@ class MosquittoBroker:
         self.autosave_interval_s = autosave_interval_s
         self.max_queued_messages = max_queued_messages
         self.max_inflight_messages = max_inflight_messages
+        self.message_size_limit = message_size_limit
         self.log_path = self.workdir / "mosquitto.log"
         self.config_path = self.workdir / "mosquitto.conf"
         self._process: subprocess.Popen[bytes] | None = None
@@ -161,6 +163,8 @@ class MosquittoBroker:
             lines.append(f"password_file {self.password_file}")
         if self.acl_file is not None:
             lines.append(f"acl_file {self.acl_file}")
+        if self.message_size_limit is not None:
+            lines.append(f"message_size_limit {self.message_size_limit}")
         return "\n".join(lines) + "\n"
 
     def _diagnostics(self) -> str:

@@ -219,12 +219,30 @@ def test_a_puback_reason_code_reaches_the_handle(
     assert handle.reason_code == 0x10
 
 
+def test_a_message_over_the_brokers_size_limit_is_refused_and_the_link_stays(tmp_path: Path) -> None:
+    """Mosquitto 2.0 answers it with a PUBACK carrying 0x95, a code MQTT 5 lists for other packets only."""
+    broker = MosquittoBroker(tmp_path / "broker", message_size_limit=1_000).start()
+    session = MqttSession(settings_for(broker, "big"))
+    try:
+        session.connect()
+        assert session.wait_connected(10)
+        too_large = session.publish("t/big", bytes(2_000), qos=1)
+        assert not too_large.wait(5)
+        assert (too_large.done, too_large.reason_code) == (True, 0x95)
+        assert session.publish("t/small", b"fits", qos=1).wait(5)
+        assert session.connect_count == 1  # no reconnect, no endless re-send
+    finally:
+        session.disconnect()
+        broker.stop()
+
+
 def test_plain_pubacks_are_read_without_paho_and_the_rest_left_to_it() -> None:
     assert _plain_puback_reason(bytearray(b"\x00\x07")).value == 0  # type: ignore[union-attr]
     assert _plain_puback_reason(bytearray(b"\x00\x07\x10")).value == 0x10  # type: ignore[union-attr]
     assert _plain_puback_reason(bytearray(b"\x00\x07\x87\x00")).value == 0x87  # type: ignore[union-attr]
     assert _plain_puback_reason(bytearray(b"\x00\x07\x87\x03\x1f\x00\x00")) is None  # a reason string
-    assert _plain_puback_reason(bytearray(b"\x00\x07\x05")) is None  # no such PUBACK reason: paho reports it
+    assert _plain_puback_reason(bytearray(b"\x00\x07\x05")) is None  # no such reason: paho reports it
+    assert _plain_puback_reason(bytearray(b"\x00\x07\x95")).value == 0x95  # type: ignore[union-attr]
     assert _plain_puback_reason(bytearray(b"\x00\x07\x10")) is _plain_puback_reason(
         bytearray(b"\x00\x09\x10")
     )
