@@ -284,18 +284,25 @@ def test_rows_left_by_a_stopped_agent_are_published_by_the_next_one(
     assert second.outbox.stats().depth == 0
 
 
+@pytest.mark.parametrize("refusal", ["not authorized (0x87)", "over the broker's size limit (0x95)"])
 def test_a_row_the_broker_refuses_for_good_is_dropped_and_does_not_block_the_fifo(
     tmp_path: Path,
     agents: list[Agent],
+    refusal: str,
 ) -> None:
     acl = tmp_path / "acl"
     acl.write_text("topic write t/acl/allowed/#\ntopic read t/acl/#\n")
-    broker = MosquittoBroker(tmp_path / "mosquitto", acl_file=acl).start()
+    too_large = refusal.endswith("(0x95)")
+    size_limit = 2_000 if too_large else None
+    broker = MosquittoBroker(tmp_path / "mosquitto", acl_file=acl, message_size_limit=size_limit).start()
     try:
         collector = Collector(broker, "t/acl/#")
         agent = Agent(broker, tmp_path / "outbox.db")
         agents.append(agent)
-        refused = detection("t/acl/forbidden/detections")
+        if too_large:  # within the contract's caps, over this broker's
+            refused = detection("t/acl/allowed/detections", size=3_000)
+        else:
+            refused = detection("t/acl/forbidden/detections")
         allowed = detection("t/acl/allowed/detections")
 
         agent.enqueue([refused, allowed])
