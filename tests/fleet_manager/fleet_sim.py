@@ -44,6 +44,8 @@ class SimDevice:
     telemetry: bool = True
     frozen: bool = False  # keeps only the latest desired model, acts on it when thawed
     desired_msg_ids: list[str] = field(default_factory=list)
+    # every model/desired as it arrived, frozen or not: (msg_id, or "clear" when empty; retained)
+    desired_arrivals: list[tuple[str, bool]] = field(default_factory=list)
     states: list[str] = field(default_factory=list)
 
 
@@ -145,7 +147,10 @@ class SimFleet:
     def _on_desired(self, message: Message) -> None:
         device_id = self.topics.parse(message.topic).device_id
         if device_id in self.devices:
+            desired = decode_model_desired(message.payload) if message.payload else None
+            arrival = (desired.msg_id if desired is not None else "clear", message.retain)
             with self._lock:
+                self.devices[device_id].desired_arrivals.append(arrival)
                 self._latest[device_id] = message.payload
             self._work.put((device_id, message.payload))
 

@@ -303,9 +303,10 @@ def test_pause_resume_abort_and_conflict(
                 ]
             connects = service.mqtt.session.connect_count if service.mqtt else None
             retained_ids = {d: getattr(decode_model_desired(p), "msg_id", None) for d, p in found.items()}
-            seen = {d: sim.devices[d].desired_msg_ids for d in second}
+            seen = {d: sim.devices[d].desired_arrivals for d in second}
             raise AssertionError(
-                f"still retained: {retained_ids}; the second wave saw {seen}; rows: {state}; "
+                f"still retained: {retained_ids}; the second wave received (msg_id, retained): {seen}; "
+                f"rows: {state}; "
                 f"fleet connects: {connects}"
             ) from None
         assert all(decode_model_desired(p).version == fleet_models.v2.version for p in retained.values())  # type: ignore[union-attr]
