@@ -199,9 +199,10 @@ def raw_paho_rate(
     client.loop_start()
     while not client.is_connected():
         time.sleep(0.01)
-    properties: Properties | None = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    properties: Properties | None
     if client_class is paho.Client:
-        properties.ContentType = CONTENT_TYPE  # type: ignore[union-attr]
+        properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        properties.ContentType = CONTENT_TYPE
     else:  # edgefleet's client gets the Properties edgefleet's session would hand it
         properties = PROPERTIES.to_paho()
     with Rate(len(messages)) as rate:
